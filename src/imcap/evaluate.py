@@ -1,0 +1,64 @@
+"""`imcap eval`: caption a dataset split and score it with the COCO caption metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from imcap.captioner import Captioner
+from imcap.data import load_records
+from imcap.generation import CaptionOptions
+
+
+@dataclass
+class EvalReport:
+    metrics: dict[str, float]  # BLEU-1..4, METEOR, ROUGE-L, CIDEr (CIDEr-D), on pycocoevalcap's 0-1 scale
+    n_images: int
+    distinct_captions: int
+    predictions: dict[str, str]
+    settings: dict
+
+    def to_json(self) -> dict:
+        return {
+            **self.metrics,
+            "n_images": self.n_images,
+            "distinct_captions": self.distinct_captions,
+            "settings": self.settings,
+        }
+
+
+def evaluate(
+    captioner: Captioner,
+    data: str | Path,
+    split: str,
+    options: CaptionOptions | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    meteor: bool = True,
+) -> EvalReport:
+    """Caption every image of `split` in `data` (any layout `imcap.data` reads) and score the captions."""
+    from imcap.metrics import corpus_stats, score_captions  # needs the [train] extra and Java
+
+    options = (options or CaptionOptions()).validate()
+    records = load_records(data, split)[:limit]
+    predictions, started = {}, time.time()
+    for start in tqdm(range(0, len(records), batch_size), desc=f"captioning {split}", unit="batch"):
+        chunk = records[start : start + batch_size]
+        for record, result in zip(chunk, captioner([r.image for r in chunk], options), strict=True):
+            predictions[str(record.image)] = result.caption
+    seconds = time.time() - started
+    references = {str(r.image): list(r.captions) for r in records}
+    metrics = score_captions(predictions, references, meteor=meteor)
+    stats = corpus_stats(predictions)
+    settings = {
+        "model": captioner.name,
+        "data": str(data),
+        "split": split,
+        "limit": limit,
+        **options.to_dict(),
+        "captioning_seconds": round(seconds, 1),
+    }
+    return EvalReport(metrics, stats["n_images"], stats["distinct_captions"], predictions, settings)

@@ -1,0 +1,226 @@
+"""Build, save and load captioning models: one code path, `transformers.VisionEncoderDecoderModel`.
+
+Our own models pair the EfficientNet-Lite encoder (`imcap.encoder`) with a GPT-2 decoder trained from
+scratch; hub checkpoints such as `nlpconnect/vit-gpt2-image-captioning` load through the same
+`load_model`. A folder holds everything needed to run it: weights (safetensors), config, tokenizer and
+image-processor config, so nothing is guessed at load time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerBase,
+    VisionEncoderDecoderModel,
+    ViTImageProcessorPil,
+)
+
+from imcap.encoder import (
+    LITE_MEAN,
+    LITE_STD,
+    EfficientNetLiteEncoder,
+    EfficientNetLiteEncoderConfig,
+    register,
+)
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+HUB_HOST_TIMEOUT_S = 3.0
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder or hub id that cannot be loaded; the message is one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Shape of the GPT-2 decoder trained from scratch."""
+
+    num_layers: int = 3
+    hidden_size: int = 256
+    num_heads: int = 4
+    max_positions: int = 64
+    dropout: float = 0.1
+
+
+@dataclass
+class LoadedModel:
+    """A captioning model with the tokenizer and image processor it was trained with."""
+
+    model: VisionEncoderDecoderModel
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: object
+    name: str
+
+
+def image_processor_for(encoder_config: EfficientNetLiteEncoderConfig) -> ViTImageProcessorPil:
+    """ViTImageProcessor with EfficientNet-Lite's input scaling: resize to a square, (x - 127) / 128.
+
+    The PIL backend, so that no torchvision is needed.
+    """
+    size = encoder_config.image_size
+    return ViTImageProcessorPil(
+        do_resize=True,
+        size={"height": size, "width": size},
+        resample=2,  # bilinear, as ViT's default (how the shared Flickr8k copy was resized too)
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[LITE_MEAN] * 3,
+        image_std=[LITE_STD] * 3,
+    )
+
+
+def new_model(
+    encoder_config: EfficientNetLiteEncoderConfig,
+    decoder: DecoderSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    imagenet_weights: bool = True,
+) -> VisionEncoderDecoderModel:
+    """A fresh EfficientNet-Lite + GPT-2 captioner: ImageNet CNN, everything else randomly initialised."""
+    encoder = EfficientNetLiteEncoder(encoder_config)
+    if imagenet_weights:
+        encoder.load_imagenet_weights()
+    decoder_config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=decoder.max_positions,
+        n_embd=decoder.hidden_size,
+        n_layer=decoder.num_layers,
+        n_head=decoder.num_heads,
+        resid_pdrop=decoder.dropout,
+        embd_pdrop=decoder.dropout,
+        attn_pdrop=decoder.dropout,
+        add_cross_attention=True,
+        is_decoder=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = VisionEncoderDecoderModel(encoder=encoder, decoder=GPT2LMHeadModel(decoder_config))
+    set_special_tokens(model, tokenizer)
+    return model
+
+
+def set_special_tokens(model: VisionEncoderDecoderModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Put the tokenizer's bos/eos/pad on the model and its generation config (generate reads both)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for config in (model.config, model.generation_config):
+        config.decoder_start_token_id = bos
+        config.bos_token_id = bos
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = pad
+
+
+def save_model(
+    model: VisionEncoderDecoderModel, tokenizer, image_processor, folder: str | Path, fp16=False
+) -> None:
+    """Write a self-describing model folder; `fp16=True` halves the size of the weights file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fp16:
+        model = _half_copy(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+
+
+def _half_copy(model: VisionEncoderDecoderModel) -> VisionEncoderDecoderModel:
+    half = VisionEncoderDecoderModel(config=model.config)
+    half.load_state_dict(model.state_dict())
+    half.generation_config = model.generation_config
+    return half.half()
+
+
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a VisionEncoderDecoder checkpoint: None (the shipped default), a local folder or a hub id."""
+    register()
+    source = str(DEFAULT_MODEL_DIR if name_or_path is None else name_or_path)
+    local = Path(source).expanduser()
+    if local.exists():
+        return _load_local(local, dtype)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelLoadError(f"model folder not found: {source}")
+    return _load_hub(source, dtype)
+
+
+def _load_local(folder: Path, dtype: torch.dtype) -> LoadedModel:
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is a file; pass the model folder (with config.json) instead")
+    missing = [name for name in ("config.json",) if not (folder / name).exists()]
+    if missing:
+        raise ModelLoadError(f"{folder} is not a model folder: it has no {', '.join(missing)}")
+    try:
+        return _from_pretrained(str(folder), dtype, name=str(folder))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"cannot load the model in {folder}: {_first_line(error)}") from error
+
+
+def _load_hub(hub_id: str, dtype: torch.dtype) -> LoadedModel:
+    # A cached copy works offline; without one, probe the hub once instead of letting
+    # huggingface_hub retry for ~30 s and end in a long traceback.
+    try:
+        return _from_pretrained(hub_id, dtype, name=hub_id, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not _hub_reachable():
+        raise ModelLoadError(
+            f"cannot download {hub_id!r}: no network (or HF_HUB_OFFLINE is set); "
+            "pass a local model folder or run once with internet access"
+        )
+    try:
+        return _from_pretrained(hub_id, dtype, name=hub_id)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load {hub_id!r} from the hub: {_first_line(error)}") from error
+
+
+def _from_pretrained(
+    source: str, dtype: torch.dtype, name: str, local_files_only: bool = False
+) -> LoadedModel:
+    kwargs = {"local_files_only": local_files_only}
+    model = VisionEncoderDecoderModel.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+    if getattr(model.config, "decoder_start_token_id", None) is None or model.generation_config.pad_token_id is None:
+        set_special_tokens(model, tokenizer)  # hub checkpoints (e.g. vit-gpt2) often leave these unset
+    return LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, name=name)
+
+
+def _hub_reachable() -> bool:
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_HOST_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "DecoderSpec",
+    "EfficientNetLiteEncoderConfig",
+    "LoadedModel",
+    "ModelLoadError",
+    "count_parameters",
+    "image_processor_for",
+    "load_model",
+    "new_model",
+    "save_model",
+]
