@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from imcap.modeling import load_model
+from imcap.training import loop
 from imcap.training.batches import CaptionTable, mirror_caption
 from imcap.training.config import TrainConfig
 from imcap.training.loop import train
@@ -47,7 +48,7 @@ def data(flickr8k, tmp_path_factory):
     return make_shared_subset(flickr8k, tmp_path_factory.mktemp("flickr8k32"), n_train=32, n_val=8)
 
 
-def test_loss_falls_and_resume_reproduces_a_straight_run(data, tmp_path):
+def test_loss_falls_and_resume_reproduces_a_straight_run(data, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     best = train(tiny_config(data, straight, tmp_path / "cache", xe_epochs=3, scst_epochs=1))
     rows = metrics(straight)
@@ -56,10 +57,21 @@ def test_loss_falls_and_resume_reproduces_a_straight_run(data, tmp_path):
     assert (straight / "learning_curve.png").stat().st_size > 1000
     assert load_model(best).model is not None
 
-    # stop after 2 epochs (as a crash would), then resume with the full recipe
-    resumed = tmp_path / "resumed"
-    train(tiny_config(data, resumed, tmp_path / "cache", xe_epochs=2))
-    train(tiny_config(data, resumed, tmp_path / "cache", xe_epochs=3, scst_epochs=1), resume=True)
+    # the same recipe killed after its second epoch's checkpoint, then resumed
+    resumed, recipe = tmp_path / "resumed", tiny_config(data, tmp_path / "resumed", tmp_path / "cache", 3, 1)
+    real_epoch = loop._train_epoch
+
+    def crash_after_two(run, state, xe):
+        state = real_epoch(run, state, xe)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+        return state
+
+    monkeypatch.setattr(loop, "_train_epoch", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe)
+    monkeypatch.setattr(loop, "_train_epoch", real_epoch)
+    train(recipe, resume=True)
     assert [r["train_loss"] for r in metrics(resumed)] == [r["train_loss"] for r in rows]
     assert [r["CIDEr"] for r in metrics(resumed)] == [r["CIDEr"] for r in rows]
 
@@ -109,7 +121,7 @@ def test_scst_step_raises_the_better_sample_and_lowers_the_worse(tmp_path):
     samples = torch.tensor([[1, 10, 11, 2], [1, 12, 13, 2]])
 
     def sequence_log_probs():
-        logits, _ = caption_log_probs(model, tokens.expand(2, -1, -1), samples, tokenizer.pad_token_id)
+        logits, _ = caption_log_probs(model, tokens.repeat(2, 1, 1), samples, tokenizer.pad_token_id)
         return logits.log_softmax(-1).gather(-1, samples[:, 1:, None]).sum((1, 2))
 
     before = sequence_log_probs().detach()
