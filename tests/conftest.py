@@ -59,6 +59,41 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def build_seeing_model(folder: Path) -> None:
+    """The tiny model, changed so that its captions depend on the image (still random, still tiny).
+
+    A randomly initialised EfficientNet's activations shrink to ~1e-9 through its BatchNorm layers (their
+    running statistics are still the init values), so every image gets the same caption. Calibrating
+    BatchNorm on noise and strengthening cross-attention makes captions differ from image to image, which
+    the batch-size agreement and scoring tests need to mean anything.
+    """
+    import torch
+
+    from imcap.modeling import load_model, save_model
+
+    build_tiny_model(folder)
+    loaded = load_model(folder)
+    model = loaded.model
+    torch.manual_seed(0)
+    for layer in model.encoder.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.reset_running_stats()
+            layer.momentum = None  # a plain average over the calibration batch
+    model.encoder.train()
+    with torch.no_grad():
+        model.encoder(pixel_values=torch.randn(16, 3, 64, 64))
+        for block in model.decoder.transformer.h:
+            block.crossattention.c_proj.weight.mul_(10)
+    save_model(model.eval(), loaded.tokenizer, loaded.image_processor, folder)
+
+
+@pytest.fixture(scope="session")
+def seeing_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("seeing_model")
+    build_seeing_model(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def flickr8k() -> Path:
     if not (SHARED_FLICKR8K / "captions.tsv").exists():

@@ -1,12 +1,13 @@
 """The Python API: `Captioner.from_pretrained(...)(images, options) -> [CaptionResult]`.
 
-The CLI (and any server) calls only this. Images may be paths, `PIL.Image`s, raw bytes or numpy arrays.
+The CLI (and any server) calls only this. Images may be paths, `PIL.Image`s, file bytes or numpy arrays;
+`imcap.images` turns each into an upright RGB picture or raises `ImageLoadError`.
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,97 +15,151 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imcap.generation import CaptionOptions, generation_config
-from imcap.images import ImageLoadError, load_image, to_rgb
+from imcap.generation import CaptionOptions, check_fits, generation_config
+from imcap.images import DEFAULT_MAX_PIXELS, ImageInput, as_image
 from imcap.modeling import LoadedModel, load_model
 from imcap.tokenizer import format_caption
 
-ImageInput = str | Path | Image.Image | bytes | np.ndarray
+_SINGLE = (str, Path, Image.Image, bytes, bytearray, np.ndarray)
 
 
 @dataclass
 class Candidate:
     text: str
-    score: float  # log-probability of the caption's tokens under the model (higher is better)
+    # log-probability of the caption's tokens (end-of-text included) under the distribution decoding drew
+    # from: the model's own for greedy and beam search, reshaped by temperature/top-k/top-p when sampling
+    score: float
 
 
 @dataclass
 class CaptionResult:
     caption: str  # the best candidate's text
-    candidates: list[Candidate]
-    options: dict = field(default_factory=dict)
-
-
-def as_image(item: ImageInput) -> Image.Image:
-    """Any supported input as an upright RGB image."""
-    if isinstance(item, Image.Image):
-        return to_rgb(item)
-    if isinstance(item, bytes):
-        try:
-            with Image.open(io.BytesIO(item)) as image:
-                image.load()
-                return to_rgb(image)
-        except (OSError, ValueError) as error:
-            raise ImageLoadError(f"<bytes>: not a readable image ({error})") from error
-    if isinstance(item, np.ndarray):
-        return to_rgb(Image.fromarray(item))
-    return load_image(item)
+    candidates: list[Candidate]  # best first: beam search's order, or mean token log-prob for samples
+    options: dict = field(default_factory=dict)  # the CaptionOptions used, as a dict
 
 
 class Captioner:
-    """A loaded model plus the code to caption images with it."""
+    """A loaded model plus the code to caption images with it.
 
-    def __init__(self, loaded: LoadedModel):
+    captioner = Captioner.from_pretrained()  # the shipped model, or a model folder or hub id
+    result = captioner("photo.jpg", CaptionOptions(num_beams=5, num_return_sequences=3))[0]
+    print(result.caption, [(c.text, c.score) for c in result.candidates])
+    """
+
+    def __init__(self, loaded: LoadedModel, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.loaded = loaded
         self.model = loaded.model.eval()
+        self.max_pixels = max_pixels  # images announcing more pixels are refused (see imcap.images)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path | None = None) -> Captioner:
+    def from_pretrained(
+        cls, name_or_path: str | Path | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> Captioner:
         """None loads the model shipped inside the package; otherwise a local folder or a hub id."""
-        return cls(load_model(name_or_path))
+        return cls(load_model(name_or_path), max_pixels=max_pixels)
 
     @property
     def name(self) -> str:
         return self.loaded.name
 
+    @property
+    def max_caption_tokens(self) -> int | None:
+        """The longest caption (in tokens) the decoder's position embeddings allow, if it has a limit."""
+        positions = getattr(self.model.config.decoder, "max_position_embeddings", None)
+        return positions - 1 if positions else None  # one position holds the start token
+
     def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        pictures = [as_image(i) for i in images]
+        """(B, 3, H, W) model input for a batch of images, resized and normalised by the model's processor."""
+        pictures = [as_image(i, self.max_pixels) for i in images]
         return self.loaded.image_processor(pictures, return_tensors="pt")["pixel_values"]
 
     @torch.inference_mode()
     def __call__(
         self, images: ImageInput | Sequence[ImageInput], options: CaptionOptions | None = None
     ) -> list[CaptionResult]:
-        """Caption one image or a batch; returns one CaptionResult per image, in order."""
+        """Caption one image or a batch; returns one CaptionResult per image, in order.
+
+        Raises OptionsError for bad settings (before any model work) and ImageLoadError for a bad image.
+        """
         options = (options or CaptionOptions()).validate()
-        batch = [images] if isinstance(images, (str, Path, Image.Image, bytes, np.ndarray)) else list(images)
+        check_fits(options, self.max_caption_tokens)
+        batch = [images] if isinstance(images, _SINGLE) else list(images)
         if not batch:
             return []
         pixels = self.pixel_values(batch).to(self.model.dtype)
-        if options.seed is not None:
-            torch.manual_seed(options.seed)
-        config = generation_config(options, self.model.generation_config)
-        out = self.model.generate(
-            pixel_values=pixels, generation_config=config, return_dict_in_generate=True, output_scores=True
-        )
-        scores = self._sequence_scores(out, config)
-        texts = self.loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-        per_image = options.num_return_sequences
-        results = []
-        for i in range(len(batch)):
-            rows = range(i * per_image, (i + 1) * per_image)
-            candidates = sorted(
-                (Candidate(format_caption(texts[r]), float(scores[r])) for r in rows), key=lambda c: -c.score
-            )
-            results.append(CaptionResult(candidates[0].text, candidates, options.to_dict()))
-        return results
+        if options.do_sample and options.seed is not None:
+            # one image per generate call, each from the same seed: a seeded caption then depends on the
+            # image alone, not on which batch it fell into (a resumed run batches differently)
+            return [result for row in pixels for result in self._generate(row[None], options)]
+        return self._generate(pixels, options)
 
-    def _sequence_scores(self, out, config) -> torch.Tensor:
-        """Sum of token log-probabilities of each returned sequence."""
+    def _generate(self, pixels: torch.Tensor, options: CaptionOptions) -> list[CaptionResult]:
+        config = generation_config(options, self.model.generation_config)
+        config.update(return_dict_in_generate=True, output_scores=True)  # scores for the candidates
+        with _seeded(options.seed, self.model.device):
+            out = self.model.generate(pixel_values=pixels.to(self.model.device), generation_config=config)
+        scores, lengths = self._sequence_scores(out, config)
+        texts = self.loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        return _results([format_caption(t) for t in texts], scores, lengths, options)
+
+    def _sequence_scores(self, out, config) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) sum of token log-probabilities of each returned sequence, and (N,) its length in tokens.
+
+        Beam search keeps log-softmaxed scores and gives beam_indices; greedy and sampling keep the
+        (processed) logits of row i for sequence i, which we normalise here.
+        """
+        beam_indices = getattr(out, "beam_indices", None)
         transition = self.model.compute_transition_scores(
-            out.sequences,
-            out.scores,
-            getattr(out, "beam_indices", None),
-            normalize_logits=config.num_beams == 1,
+            out.sequences, out.scores, beam_indices, normalize_logits=beam_indices is None
         )
-        return torch.where(torch.isfinite(transition), transition, 0.0).sum(dim=1)
+        generated = out.sequences[:, -transition.shape[1] :]
+        return sequence_log_probs(transition, generated, _eos_ids(config))
+
+
+def _results(
+    texts: list[str], scores: torch.Tensor, lengths: torch.Tensor, options: CaptionOptions
+) -> list[CaptionResult]:
+    """Group the N = images x num_return_sequences outputs by image, best candidate first."""
+    per_image, results = options.num_return_sequences, []
+    for start in range(0, len(texts), per_image):
+        rows = [
+            (float(scores[r]), float(scores[r] / lengths[r]), texts[r])
+            for r in range(start, start + per_image)
+        ]
+        if options.num_beams == 1 and per_image > 1:
+            # independent samples come unordered: rank them by mean token log-prob, as beam search would
+            rows.sort(key=lambda row: -row[1])
+        candidates = [Candidate(text, score) for score, _, text in rows]
+        results.append(CaptionResult(candidates[0].text, candidates, options.to_dict()))
+    return results
+
+
+def sequence_log_probs(
+    transition: torch.Tensor, generated: torch.Tensor, eos_ids: set[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the (N, T) per-token log-probs up to and including each row's first end-of-text token.
+
+    After it, a batch holds padding (whose scores are meaningless for greedy and sampling, and zero for
+    beams); a row without end-of-text ran to max_new_tokens and counts all T tokens.
+    """
+    is_eos = torch.isin(generated, torch.tensor(sorted(eos_ids), device=generated.device))
+    ended_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # positions after the first eos
+    keep = ~ended_before
+    return torch.where(keep, transition, 0.0).sum(dim=1), keep.sum(dim=1).clamp(min=1)
+
+
+def _eos_ids(config) -> set[int]:
+    eos = config.eos_token_id
+    return set(eos) if isinstance(eos, list | tuple) else {eos}
+
+
+@contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch for one generate call without changing the caller's random state afterwards."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

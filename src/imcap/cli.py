@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
+import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from imcap.batch import caption_files, find_images
+from imcap.generation import CaptionOptions
+from imcap.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+from imcap.writers import DEFAULT_SIDECAR, OutputError, check_outputs, get_writer
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Image captioning that works offline.")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+_DEFAULT = CaptionOptions()
 ModelOption = Annotated[
     str | None, typer.Option("--model", "-m", help="Model folder or hub id (default: the shipped model).")
 ]
@@ -33,70 +39,148 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def expand_paths(items: list[str]) -> list[Path]:
-    """Files as given, folders as their image files (sorted), globs expanded; missing ones are errors."""
-    paths: list[Path] = []
-    for item in items:
-        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        if not matches:
-            raise FileNotFoundError(f"{item}: no file matches")
-        for match in map(Path, matches):
-            if match.is_dir():
-                paths += sorted(p for p in match.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            elif match.exists():
-                paths.append(match)
-            else:
-                raise FileNotFoundError(f"{match}: no such file or folder")
-    return paths
+def _decoding(flag: str, help: str):
+    return typer.Option(flag, help=help, rich_help_panel="Decoding")
+
+
+def _output(*flags: str, help: str):
+    return typer.Option(*flags, help=help, rich_help_panel="Output")
 
 
 @app.command()
 def caption(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
     model: ModelOption = None,
-    beams: BeamsOption = 3,
-    max_length: Annotated[int, typer.Option("--max-length", help="Maximum new tokens per caption.")] = 24,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look into sub-folders too.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 8,
+    allow_failures: Annotated[
+        bool, typer.Option("--allow-failures", help="Exit 0 even when some images could not be read.")
+    ] = False,
+    max_pixels: Annotated[
+        int,
+        typer.Option("--max-pixels", help="Refuse larger images (decompression-bomb guard); 0: no limit."),
+    ] = DEFAULT_MAX_PIXELS,
+    output: Annotated[
+        Path | None,
+        _output("--output", "-o", help="Write rows to FILE.jsonl or FILE.csv; resumes if it exists."),
+    ] = None,
+    sidecar: Annotated[bool, _output("--sidecar", help="Write photo.txt next to each photo.jpg.")] = False,
+    sidecar_ext: Annotated[
+        str, _output("--sidecar-ext", help="Sidecar extension, e.g. .caption.")
+    ] = DEFAULT_SIDECAR,
+    prefix: Annotated[str, _output("--prefix", help="Text put before every caption, as is.")] = "",
+    suffix: Annotated[str, _output("--suffix", help="Text put after every caption, as is.")] = "",
+    overwrite: Annotated[
+        bool, _output("--overwrite", help="Caption all again, replacing earlier results.")
+    ] = False,
+    beams: Annotated[int, _decoding("--beams", "Beam width (1 = greedy).")] = _DEFAULT.num_beams,
+    max_length: Annotated[
+        int, _decoding("--max-length", "Maximum new tokens per caption.")
+    ] = _DEFAULT.max_new_tokens,
+    min_length: Annotated[
+        int, _decoding("--min-length", "Minimum new tokens per caption.")
+    ] = _DEFAULT.min_new_tokens,
+    length_penalty: Annotated[
+        float, _decoding("--length-penalty", "Beam search: > 1 favours longer captions.")
+    ] = _DEFAULT.length_penalty,
+    sample: Annotated[bool, _decoding("--sample", "Sample captions instead of searching.")] = False,
+    temperature: Annotated[float, _decoding("--temperature", "Sampling temperature.")] = _DEFAULT.temperature,
+    top_k: Annotated[
+        int, _decoding("--top-k", "Sample from the k likeliest tokens (0: all).")
+    ] = _DEFAULT.top_k,
+    top_p: Annotated[
+        float, _decoding("--top-p", "Sample from the likeliest tokens holding this mass.")
+    ] = _DEFAULT.top_p,
+    repetition_penalty: Annotated[
+        float, _decoding("--repetition-penalty", "> 1 discourages repeated tokens.")
+    ] = _DEFAULT.repetition_penalty,
+    no_repeat_ngram_size: Annotated[
+        int, _decoding("--no-repeat-ngram-size", "Never repeat an n-gram of this size (0: off).")
+    ] = _DEFAULT.no_repeat_ngram_size,
+    num_captions: Annotated[
+        int, _decoding("--num-captions", "Captions per image (beams or samples).")
+    ] = _DEFAULT.num_return_sequences,
+    seed: Annotated[int | None, _decoding("--seed", "Makes sampling reproducible.")] = None,
 ) -> None:
-    """Caption images: prints `path<TAB>caption` lines."""
+    """Caption images: `path<TAB>caption` lines on stdout, or rows in a JSONL/CSV file, or sidecar files.
+
+    Rerunning the same command continues where an interrupted run stopped.
+    """
     _quiet_libraries()
     from imcap.captioner import Captioner
-    from imcap.generation import CaptionOptions, OptionsError
-    from imcap.images import ImageLoadError
+    from imcap.generation import OptionsError, check_fits
     from imcap.modeling import ModelLoadError
 
-    try:
-        options = CaptionOptions(num_beams=beams, max_new_tokens=max_length).validate()
-        files = expand_paths(paths)
-        captioner = Captioner.from_pretrained(model)
-    except (OptionsError, FileNotFoundError, ModelLoadError) as error:
+    options = CaptionOptions(
+        max_new_tokens=max_length,
+        min_new_tokens=min_length,
+        num_beams=beams,
+        length_penalty=length_penalty,
+        do_sample=sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        num_return_sequences=num_captions,
+        seed=seed,
+    )
+    sidecar_extension = sidecar_ext if sidecar else None
+    _check_numbers(batch_size, max_pixels)
+    try:  # everything that can be checked without the model first
+        options.validate()
+        files = find_images(paths, recursive)
+        if not files:
+            raise FileNotFoundError(
+                f"no images found (folders are searched for {', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        check_outputs(files, output, sidecar_extension)
+        captioner = Captioner.from_pretrained(model, max_pixels=max_pixels or None)
+        check_fits(options, captioner.max_caption_tokens)
+        settings = {**options.to_dict(), "prefix": prefix, "suffix": suffix}
+        writer = get_writer(
+            output, sidecar_extension, model=captioner.name, settings=settings, overwrite=overwrite
+        )
+    except OptionsError as error:
+        _fail(_as_flags(str(error)))
+    except (OutputError, FileNotFoundError, ModelLoadError) as error:
         _fail(str(error))
-    failed = 0
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        for path, text in _caption_chunk(captioner, chunk, options, ImageLoadError):
-            if text is None:
-                failed += 1
-            else:
-                typer.echo(f"{path}\t{text}")
-    if failed:
+    try:
+        with writer:
+            summary = caption_files(
+                captioner, files, writer, options, batch_size, prefix=prefix, suffix=suffix
+            )
+    except OutputError as error:  # the output became unwritable mid-run (disk full, permissions...)
+        _fail(str(error))
+    typer.echo(summary.line(), err=True)
+    if summary.failed and not allow_failures:
         raise typer.Exit(1)
 
 
-def _caption_chunk(captioner, chunk, options, error_type):
-    """Caption a batch; when one file is bad, caption the rest one by one and report the bad one."""
-    try:
-        return [(p, r.caption) for p, r in zip(chunk, captioner(chunk, options), strict=True)]
-    except error_type:
-        pass
-    results = []
-    for path in chunk:
-        try:
-            results.append((path, captioner(path, options)[0].caption))
-        except error_type as error:
-            typer.echo(f"error: {error}", err=True)
-            results.append((path, None))
-    return results
+_FLAGS = {  # CaptionOptions field -> the flag that sets it, where the names differ
+    "max_new_tokens": "--max-length",
+    "min_new_tokens": "--min-length",
+    "num_beams": "--beams",
+    "do_sample": "--sample",
+    "num_return_sequences": "--num-captions",
+}
+
+
+def _as_flags(message: str) -> str:
+    """An OptionsError message in the command's own terms: num_beams -> --beams, top_p -> --top-p."""
+    names = "|".join(field.name for field in fields(CaptionOptions))
+
+    def flag(match: re.Match) -> str:
+        return _FLAGS.get(match[0], "--" + match[0].replace("_", "-"))
+
+    return re.sub(rf"\b({names})\b", flag, message)
+
+
+def _check_numbers(batch_size: int, max_pixels: int) -> None:
+    if batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {batch_size}")
+    if max_pixels < 0:
+        _fail(f"--max-pixels must be >= 0 (0: no limit), got {max_pixels}")
 
 
 @app.command("eval")

@@ -1,14 +1,18 @@
 """Caption decoding options: one frozen dataclass in, a transformers `GenerationConfig` out.
 
 We wrap `generate` instead of writing beam search: every option maps onto a GenerationConfig field, and
-all cross-field checks live in `CaptionOptions.validate` so that bad settings fail before any model work.
+all cross-field checks live in `CaptionOptions.validate` so that bad settings fail, with a one-line
+message, before any model work.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 from transformers import GenerationConfig
+
+_SAMPLING_ONLY = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}  # option -> its no-op value
 
 
 class OptionsError(ValueError):
@@ -17,10 +21,17 @@ class OptionsError(ValueError):
 
 @dataclass(frozen=True)
 class CaptionOptions:
+    """How to decode captions. Defaults: beam search with 3 beams, one caption per image.
+
+    Greedy (num_beams=1) and beam search are deterministic. Sampling (do_sample=True) draws from the
+    model's distribution, reshaped by temperature, top_k (0: off) and top_p (1: off); with a seed it is
+    reproducible per image, whatever the batch.
+    """
+
     max_new_tokens: int = 24
     min_new_tokens: int = 0
     num_beams: int = 3
-    length_penalty: float = 1.0
+    length_penalty: float = 1.0  # beam search ranks beams by log-prob / length**length_penalty
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k filtering
@@ -31,18 +42,37 @@ class CaptionOptions:
     seed: int | None = None  # sampling only: same seed, same captions
 
     def validate(self) -> CaptionOptions:
-        checks = [
+        """Raise OptionsError (one line) on the first bad setting; return self when all are fine."""
+        for checks in (self._type_checks, self._range_checks, self._combination_checks):  # types first
+            for ok, message in checks():
+                if not ok:
+                    raise OptionsError(message)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def _type_checks(self) -> list[tuple[bool, str]]:
+        checks = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" or (field.name == "seed" and value is not None):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+                checks.append((ok, f"{field.name} must be a whole number, got {value!r}"))
+            elif field.type == "float":
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+                checks.append((ok, f"{field.name} must be a finite number, got {value!r}"))
+            elif field.type == "bool":
+                checks.append((isinstance(value, bool), f"{field.name} must be true or false, got {value!r}"))
+        return checks
+
+    def _range_checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.min_new_tokens >= 0, f"min_new_tokens must be >= 0, got {self.min_new_tokens}"),
-            (
-                self.min_new_tokens <= self.max_new_tokens,
-                f"min_new_tokens ({self.min_new_tokens}) must not exceed "
-                f"max_new_tokens ({self.max_new_tokens})",
-            ),
             (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
-            (self.length_penalty == self.length_penalty, "length_penalty must be a number"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (
@@ -53,39 +83,60 @@ class CaptionOptions:
                 self.num_return_sequences >= 1,
                 f"num_return_sequences must be >= 1, got {self.num_return_sequences}",
             ),
+            (self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+        ]
+
+    def _combination_checks(self) -> list[tuple[bool, str]]:
+        checks = [
             (
-                self.do_sample or self.num_return_sequences <= self.num_beams,
-                f"num_return_sequences ({self.num_return_sequences}) must not exceed "
-                f"num_beams ({self.num_beams}) "
-                "without sampling",
+                self.min_new_tokens <= self.max_new_tokens,
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed "
+                f"max_new_tokens ({self.max_new_tokens})",
+            ),
+            (
+                # several captions come from several beams, or from sampling; beam search (even with
+                # sampling) returns at most num_beams of them
+                self.num_return_sequences <= self.num_beams or (self.do_sample and self.num_beams == 1),
+                f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams "
+                f"({self.num_beams}) unless sampling with num_beams=1",
+            ),
+            (
+                self.length_penalty == 1.0 or self.num_beams > 1,
+                f"length_penalty ({self.length_penalty}) only applies to beam search (num_beams > 1)",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise OptionsError(message)
-        return self
+        for name, no_op in _SAMPLING_ONLY.items():
+            value = getattr(self, name)
+            checks.append((self.do_sample or value == no_op, f"{name} ({value}) only applies with do_sample"))
+        return checks
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def check_fits(options: CaptionOptions, max_tokens: int | None) -> None:
+    """Raise OptionsError when the model cannot produce max_new_tokens (its position embeddings end)."""
+    if max_tokens is not None and options.max_new_tokens > max_tokens:
+        raise OptionsError(
+            f"max_new_tokens ({options.max_new_tokens}) exceeds what this model can generate ({max_tokens})"
+        )
 
 
 def generation_config(options: CaptionOptions, base: GenerationConfig) -> GenerationConfig:
     """The model's own GenerationConfig (special tokens) with our options on top."""
     options.validate()
     config = GenerationConfig.from_dict(base.to_dict())
+    beams, sampling = options.num_beams > 1, options.do_sample
     config.update(
         max_new_tokens=options.max_new_tokens,
         min_new_tokens=options.min_new_tokens,
         num_beams=options.num_beams,
-        length_penalty=options.length_penalty,
-        do_sample=options.do_sample,
-        temperature=options.temperature if options.do_sample else None,
-        top_k=options.top_k if options.do_sample else None,
-        top_p=options.top_p if options.do_sample else None,
+        length_penalty=options.length_penalty if beams else None,
+        early_stopping=True if beams else None,
+        do_sample=sampling,
+        temperature=options.temperature if sampling else None,
+        top_k=options.top_k if sampling else None,
+        top_p=options.top_p if sampling else None,
         repetition_penalty=options.repetition_penalty,
         no_repeat_ngram_size=options.no_repeat_ngram_size,
         num_return_sequences=options.num_return_sequences,
-        early_stopping=True,
         max_length=None,
     )
     return config

@@ -189,7 +189,10 @@ def _from_pretrained(
     model = VisionEncoderDecoderModel.from_pretrained(source, dtype=dtype, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
-    if getattr(model.config, "decoder_start_token_id", None) is None or model.generation_config.pad_token_id is None:
+    if (
+        getattr(model.config, "decoder_start_token_id", None) is None
+        or model.generation_config.pad_token_id is None
+    ):
         set_special_tokens(model, tokenizer)  # hub checkpoints (e.g. vit-gpt2) often leave these unset
     return LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, name=name)
 

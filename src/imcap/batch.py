@@ -1,0 +1,137 @@
+"""Caption many images: find the files, skip those an earlier run finished, caption the rest in batches.
+
+A bad file costs only itself: each batch is decoded file by file first, failures are reported (path and
+reason) and the good images go through the model together. Where results go is `imcap.writers`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from imcap.captioner import Candidate, Captioner, CaptionResult
+from imcap.generation import CaptionOptions
+from imcap.images import IMAGE_SUFFIXES, ImageLoadError, load_image
+from imcap.writers import Writer
+
+
+def find_images(items: Sequence[str | Path], recursive: bool = False) -> list[Path]:
+    """Files as given, folders as their image files (sorted; hidden ones skipped), globs expanded.
+
+    Each file appears once, in the order found. Missing files and globs matching nothing raise
+    FileNotFoundError.
+    """
+    found: dict[str, Path] = {}
+    for item in map(str, items):
+        matches = sorted(glob.glob(item, recursive=recursive)) if glob.has_magic(item) else [item]
+        if not matches:
+            raise FileNotFoundError(f"{item}: no file matches")
+        for match in map(Path, matches):
+            if match.is_dir():
+                paths = _folder_images(match, recursive)
+            elif match.exists() or match.is_symlink():  # a dangling link is reported as a bad image
+                paths = [match]
+            else:
+                raise FileNotFoundError(f"{match}: no such file or folder")
+            for path in paths:
+                found.setdefault(os.path.abspath(path), path)
+    return list(found.values())
+
+
+def _folder_images(folder: Path, recursive: bool) -> list[Path]:
+    paths = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        paths += [
+            Path(root) / f
+            for f in files
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return sorted(paths, key=lambda p: p.parts)
+
+
+@dataclass
+class BatchSummary:
+    captioned: int = 0
+    skipped: int = 0  # already done by an earlier run
+    failed: list[ImageLoadError] = field(default_factory=list)  # each names its file and the reason
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = (
+            f" ({self.captioned / self.seconds:.1f} images/s)" if self.seconds > 0 and self.captioned else ""
+        )
+        return (
+            f"captioned {self.captioned}, skipped {self.skipped} (already done), failed {len(self.failed)}"
+            f" in {self.seconds:.1f} s{rate}"
+        )
+
+
+def caption_files(
+    captioner: Captioner,
+    images: Sequence[Path],
+    writer: Writer,
+    options: CaptionOptions,
+    batch_size: int = 8,
+    prefix: str = "",
+    suffix: str = "",
+    progress: bool = True,
+    on_failure: Callable[[ImageLoadError], None] | None = None,
+) -> BatchSummary:
+    """Caption every image that `writer` does not have yet, `batch_size` at a time.
+
+    Each batch is decoded first, file by file, so that a bad file (reported to `on_failure`, by default
+    on stderr) costs only itself; the good ones then go through the model together and are written at
+    once. `prefix` and `suffix` are added to every caption written.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    report = on_failure or _print_failure
+    pending = [image for image in images if not writer.is_done(image)]
+    summary, started = BatchSummary(skipped=len(images) - len(pending)), time.monotonic()
+    with tqdm(
+        total=len(pending), unit="img", desc="captioning", disable=not progress, file=sys.stderr
+    ) as bar:
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            decoded = _decode_each(chunk, captioner.max_pixels, summary, report)
+            if decoded:
+                paths, pictures = zip(*decoded, strict=True)
+                results = [_framed(r, prefix, suffix) for r in captioner(list(pictures), options)]
+                writer.write([(str(path), result) for path, result in zip(paths, results, strict=True)])
+            summary.captioned += len(decoded)
+            bar.update(len(chunk))
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _decode_each(
+    chunk: Sequence[Path], max_pixels: int | None, summary: BatchSummary, report: Callable
+) -> list[tuple[Path, Image.Image]]:
+    decoded = []
+    for path in chunk:
+        try:
+            decoded.append((path, load_image(path, max_pixels)))
+        except ImageLoadError as error:
+            summary.failed.append(error)
+            report(error)
+    return decoded
+
+
+def _framed(result: CaptionResult, prefix: str, suffix: str) -> CaptionResult:
+    if not (prefix or suffix):
+        return result
+    candidates = [Candidate(f"{prefix}{c.text}{suffix}", c.score) for c in result.candidates]
+    return replace(result, caption=candidates[0].text, candidates=candidates)
+
+
+def _print_failure(error: ImageLoadError) -> None:
+    tqdm.write(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,311 @@
+"""Where captions go: JSONL or CSV rows, sidecar text files, or `path<TAB>caption` lines on stdout.
+
+Every output resumes: rerunning the same command after a crash or Ctrl-C captions only the images that
+have no result yet. JSONL and CSV files get one row per image, appended a whole batch at a time with
+flush + fsync (a kill can only leave a partial last line, which the next run cuts off); sidecar files are
+written to a temporary name and renamed, so one is either complete or absent.
+Output formats are a dict of writer classes (`WRITERS`), as in whisper's `get_writer`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from imcap.captioner import CaptionResult
+from imcap.images import IMAGE_SUFFIXES
+
+DEFAULT_SIDECAR = ".txt"  # photo.jpg -> photo.txt, as kohya's scripts and taggui expect
+
+
+class OutputError(ValueError):
+    """An output that cannot be written or resumed; the message is one line saying what to do."""
+
+
+def row_dict(path: str, result: CaptionResult, model: str, settings: dict) -> dict:
+    """One output row: the image, its best caption and score, every candidate, the model and settings."""
+    return {
+        "path": path,
+        "caption": result.caption,
+        "score": _score(result.candidates[0].score),
+        "candidates": [{"caption": c.text, "score": _score(c.score)} for c in result.candidates],
+        "model": model,
+        "settings": settings,
+    }
+
+
+def _score(value: float) -> float | None:
+    return round(value, 4) if math.isfinite(value) else None  # JSON has no -inf
+
+
+class Writer:
+    """Where captions go. `is_done` tells which images an earlier run finished; `write` takes one batch."""
+
+    def is_done(self, image: Path) -> bool:
+        return False
+
+    def write(self, rows: list[tuple[str, CaptionResult]]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RowFileWriter(Writer):
+    """Rows in one file, appended a batch per write; reopening it resumes after its last complete row."""
+
+    def __init__(self, path: Path, model: str, settings: dict, overwrite: bool = False):
+        self.path, self.model, self.settings = Path(path), model, settings
+        rows = [] if overwrite or not self.path.exists() else self._recover()
+        self._check_same_run(rows)
+        self._done = {os.path.abspath(row["path"]) for row in rows}
+        self._file = _open_for_rows(self.path, "w" if overwrite else "a")
+        if self._file.tell() == 0:
+            self._append(self.header())
+
+    def header(self) -> str:
+        return ""
+
+    def encode(self, row: dict) -> str:
+        raise NotImplementedError
+
+    def decode(self, text: str) -> list[dict]:
+        """Rows of complete records; raise ValueError, naming the record, on anything that is not ours."""
+        raise NotImplementedError
+
+    def is_done(self, image: Path) -> bool:
+        return os.path.abspath(image) in self._done
+
+    def write(self, rows: list[tuple[str, CaptionResult]]) -> None:
+        self._append("".join(self.encode(row_dict(path, r, self.model, self.settings)) for path, r in rows))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _append(self, text: str) -> None:
+        try:
+            self._file.write(text)
+            self._file.flush()
+            os.fsync(self._file.fileno())  # the batch is on disk before we caption the next one
+        except OSError as error:
+            raise OutputError(f"{self.path}: cannot write ({error.strerror or error})") from error
+
+    def _recover(self) -> list[dict]:
+        try:
+            data = self.path.read_bytes()
+        except OSError as error:
+            raise OutputError(f"{self.path}: cannot read ({error.strerror or error})") from error
+        complete = data[: data.rfind(b"\n") + 1]  # a kill mid-write leaves at most a partial last line
+        try:
+            rows = self.decode(complete.decode("utf-8"))
+        except ValueError as error:  # includes UnicodeDecodeError and json errors
+            raise OutputError(
+                f"{self.path} exists and is not an imcap output ({_first_line(error)}); "
+                "pass --overwrite to replace it or choose another output file"
+            ) from error
+        if len(complete) < len(data):
+            os.truncate(self.path, len(complete))
+        return rows
+
+    def _check_same_run(self, rows: list[dict]) -> None:
+        """Resuming must not mix captions from two models or two sets of settings in one file."""
+        ours = {"model": self.model, **self.settings}
+        for row in rows:
+            theirs = {"model": row["model"], **row["settings"]}
+            changed = sorted(
+                f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}"
+                for k in ours | theirs
+                if theirs.get(k) != ours.get(k)
+            )
+            if changed:
+                raise OutputError(
+                    f"{self.path} holds captions made with other settings ({', '.join(changed)}); "
+                    "pass --overwrite to redo them or choose another output file"
+                )
+
+
+def _open_for_rows(path: Path, mode: str) -> TextIO:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, mode, encoding="utf-8", newline="")  # noqa: SIM115  (closed by the writer)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from error
+
+
+class JsonlWriter(RowFileWriter):
+    def encode(self, row: dict) -> str:
+        return json.dumps(row, ensure_ascii=False) + "\n"
+
+    def decode(self, text: str) -> list[dict]:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rows.append(_check_row(json.loads(line), f"line {number}"))
+        return rows
+
+
+class CsvWriter(RowFileWriter):
+    COLUMNS = ["path", "caption", "score", "candidates", "model", "settings"]
+    JSON_COLUMNS = {"candidates", "settings"}  # nested values, JSON-encoded in their cell
+
+    def header(self) -> str:
+        return self._line(self.COLUMNS)
+
+    def encode(self, row: dict) -> str:
+        return self._line(
+            [
+                json.dumps(row[c], ensure_ascii=False) if c in self.JSON_COLUMNS else row[c]
+                for c in self.COLUMNS
+            ]
+        )
+
+    def decode(self, text: str) -> list[dict]:
+        if not text:
+            return []
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header != self.COLUMNS:
+            raise ValueError(f"its columns are {header}, not {self.COLUMNS}")
+        rows = []
+        for number, cells in enumerate(reader, 2):
+            if len(cells) != len(self.COLUMNS):
+                raise ValueError(f"row {number} has {len(cells)} columns")
+            row = dict(zip(self.COLUMNS, cells, strict=True))
+            row.update((c, json.loads(row[c])) for c in self.JSON_COLUMNS)
+            rows.append(_check_row(row, f"row {number}"))
+        return rows
+
+    @staticmethod
+    def _line(cells: list) -> str:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow(["" if c is None else c for c in cells])
+        return buffer.getvalue()
+
+
+def _check_row(row: object, where: str) -> dict:
+    expected = {"path": str, "model": str, "settings": dict}
+    if not (isinstance(row, dict) and all(isinstance(row.get(k), t) for k, t in expected.items())):
+        raise ValueError(f"{where} is not an imcap row")
+    return row
+
+
+class SidecarWriter(Writer):
+    """photo.jpg -> photo.txt next to it, one caption per line; an existing sidecar means done."""
+
+    def __init__(self, extension: str = DEFAULT_SIDECAR, overwrite: bool = False):
+        self.extension, self.overwrite = check_sidecar_extension(extension), overwrite
+
+    def sidecar(self, image: Path) -> Path:
+        return Path(image).with_suffix(self.extension)
+
+    def is_done(self, image: Path) -> bool:
+        return not self.overwrite and self.sidecar(image).exists()
+
+    def write(self, rows: list[tuple[str, CaptionResult]]) -> None:
+        for path, result in rows:
+            write_atomic(self.sidecar(Path(path)), "\n".join(c.text for c in result.candidates))
+
+
+class StdoutWriter(Writer):
+    """`path<TAB>caption` lines (one per candidate) on a stream; nothing to resume."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+
+    def write(self, rows: list[tuple[str, CaptionResult]]) -> None:
+        for path, result in rows:
+            for candidate in result.candidates:
+                self.stream.write(f"{path}\t{candidate.text}\n")
+        self.stream.flush()
+
+
+WRITERS: dict[str, type[RowFileWriter]] = {".jsonl": JsonlWriter, ".csv": CsvWriter}
+
+
+def get_writer(
+    output: Path | None = None,
+    sidecar: str | None = None,
+    *,
+    model: str = "",
+    settings: dict | None = None,
+    overwrite: bool = False,
+) -> Writer:
+    """The writer for `--output FILE` (by its suffix), `--sidecar EXT`, or stdout when neither is given.
+
+    Opening a JSONL or CSV file that exists resumes it (unless `overwrite`): see RowFileWriter.
+    """
+    _check_choice(output, sidecar)
+    if sidecar is not None:
+        return SidecarWriter(sidecar, overwrite)
+    if output is None:
+        return StdoutWriter()
+    return WRITERS[Path(output).suffix.lower()](Path(output), model, settings or {}, overwrite)
+
+
+def check_outputs(images: Sequence[Path], output: Path | None, sidecar: str | None) -> None:
+    """Reject output settings that cannot work, before any model is loaded."""
+    _check_choice(output, sidecar)
+    if sidecar is not None and (clashes := sidecar_clashes(images, sidecar)):
+        first, second = clashes[0]
+        raise OutputError(f"{first} and {second} would share one sidecar file; rename one of them")
+
+
+def _check_choice(output: Path | None, sidecar: str | None) -> None:
+    if output is not None and sidecar is not None:
+        raise OutputError("choose one of --output and --sidecar")
+    if output is not None and Path(output).suffix.lower() not in WRITERS:
+        raise OutputError(f"{output}: the output file must end in {' or '.join(WRITERS)}")
+    if sidecar is not None:
+        check_sidecar_extension(sidecar)
+
+
+def check_sidecar_extension(extension: str) -> str:
+    looks_right = extension.startswith(".") and len(extension) > 1 and not any(c in extension for c in "/\\")
+    if not looks_right or extension.lower() in IMAGE_SUFFIXES:
+        raise OutputError(f"sidecar extension must look like .txt or .caption, got {extension!r}")
+    return extension
+
+
+def sidecar_clashes(images: Sequence[Path], extension: str) -> list[tuple[Path, Path]]:
+    """Pairs of images that would share one sidecar (photo.jpg and photo.png both -> photo.txt)."""
+    owner: dict[str, Path] = {}
+    clashes = []
+    for image in images:
+        sidecar = os.path.abspath(Path(image).with_suffix(extension))
+        if sidecar in owner:
+            clashes.append((owner[sidecar], image))
+        owner.setdefault(sidecar, image)
+    return clashes
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary file in the same folder, fsync'd, then renamed over."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden: never taken for a result
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from error
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
