@@ -18,7 +18,8 @@ def test_default_model_captions_every_example_sensibly():
     assert len(captions) == len(list(EXAMPLES.glob("*.jpg")))
     by_name = {path.rsplit("/", 1)[-1]: text for path, text in captions.items()}
     assert "dog" in by_name["flickr8k-val-dogs.jpg"].lower()
-    assert "snow" in by_name["flickr8k-val-snow.jpg"].lower()
+    assert any(word in by_name["flickr8k-val-snow.jpg"].lower() for word in ("snow", "ski", "mountain"))
+    assert any(word in by_name["flickr8k-val-soccer.jpg"].lower() for word in ("soccer", "ball", "football"))
     for text in by_name.values():
         assert text[0].isupper() and text.endswith(".") and 3 <= len(text.split()) <= 30
 
