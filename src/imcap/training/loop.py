@@ -54,6 +54,7 @@ class Run:
     val_refs: dict[str, list[str]]
     train_refs: dict[str, list[str]]
     train_maps: torch.Tensor | None = None  # tail output of train_trunk while the tail is frozen
+    cider: object | None = None  # the SCST reward (imcap.metrics.CiderD), built on first use
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
@@ -190,8 +191,9 @@ def _scst_epoch(run: Run, optimizer, generator, epoch: int) -> float:
     from imcap.metrics import CiderD  # training-only dependency
 
     config, model, tok = run.config.scst, run.model, run.tokenizer
-    scorer = getattr(run, "_cider", None) or CiderD(run.train_refs)
-    run._cider = scorer
+    if run.cider is None:  # corpus document frequencies: computed once, shared by every SCST epoch
+        run.cider = CiderD(run.train_refs)
+    scorer = run.cider
     names = list(run.train_refs)
     model.eval()  # no dropout: the sampled policy and the trained policy must be the same
     losses, rewards_seen, started = [], [], time.time()
@@ -340,11 +342,11 @@ def _truncate_metrics(path: Path, stage: str, epoch: int) -> None:
     if not path.exists():
         return
     order = {"xe": 0, "scst": 1}
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if (order[json.loads(line)["stage"]], json.loads(line)["epoch"]) <= (order[stage], epoch)
-    ]
+
+    def done(row: dict) -> bool:
+        return (order[row["stage"]], row["epoch"]) <= (order[stage], epoch)
+
+    keep = [line for line in path.read_text().splitlines() if done(json.loads(line))]
     path.write_text("".join(line + "\n" for line in keep))
 
 
