@@ -10,10 +10,12 @@ import glob
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -88,42 +90,80 @@ def caption_files(
 ) -> BatchSummary:
     """Caption every image that `writer` does not have yet, `batch_size` at a time.
 
-    Each batch is decoded first, file by file, so that a bad file (reported to `on_failure`, by default
-    on stderr) costs only itself; the good ones then go through the model together and are written at
-    once. `prefix` and `suffix` are added to every caption written.
+    A bad file (reported to `on_failure`, by default on stderr) costs only itself; each batch's results
+    are written at once. `prefix` and `suffix` are added to every caption written.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     report = on_failure or _print_failure
     pending = [image for image in images if not writer.is_done(image)]
     summary, started = BatchSummary(skipped=len(images) - len(pending)), time.monotonic()
     with tqdm(
         total=len(pending), unit="img", desc="captioning", disable=not progress, file=sys.stderr
     ) as bar:
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start : start + batch_size]
-            decoded = _decode_each(chunk, captioner.max_pixels, summary, report)
-            if decoded:
-                paths, pictures = zip(*decoded, strict=True)
-                results = [_framed(r, prefix, suffix) for r in captioner(list(pictures), options)]
-                writer.write([(str(path), result) for path, result in zip(paths, results, strict=True)])
-            summary.captioned += len(decoded)
-            bar.update(len(chunk))
+        for batch in caption_batches(captioner, pending, options, batch_size):
+            for error in batch.failed:
+                summary.failed.append(error)
+                report(error)
+            results = [_framed(result, prefix, suffix) for result in batch.results]
+            if results:
+                writer.write([(str(path), result) for path, result in zip(batch.paths, results, strict=True)])
+            summary.captioned += len(results)
+            bar.update(len(batch.paths) + len(batch.failed))
     summary.seconds = time.monotonic() - started
     return summary
 
 
+@dataclass
+class CaptionedBatch:
+    paths: list[Path]  # the images captioned, in input order
+    results: list[CaptionResult]  # one per path
+    failed: list[ImageLoadError]  # the images of this batch that could not be read
+
+
+def caption_batches(
+    captioner: Captioner, images: Sequence[Path], options: CaptionOptions, batch_size: int = 8
+) -> Iterator[CaptionedBatch]:
+    """Caption `images` in batches, reading and preprocessing the next batch while the model runs.
+
+    Decoding JPEGs and resizing (Pillow releases the GIL) then overlaps with model compute, so the model
+    rarely waits for input. Each file is decoded on its own, so a bad one is only reported.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    options = options.validate()  # bad settings fail before any file is read
+
+    def prepare(chunk: Sequence[Path]) -> tuple[list[Path], torch.Tensor | None, list[ImageLoadError]]:
+        decoded, failed = _decode_each(chunk, captioner.max_pixels)
+        pixels = captioner.pixel_values([picture for _, picture in decoded]) if decoded else None
+        return [path for path, _ in decoded], pixels, failed
+
+    chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
+    for paths, pixels, failed in _prefetched(prepare, chunks):
+        results = captioner.caption_pixels(pixels, options) if pixels is not None else []
+        yield CaptionedBatch(paths, results, failed)
+
+
+def _prefetched(work: Callable, items: Sequence) -> Iterator:
+    """Yield work(item) for each item in order, computing the next one in a worker thread meanwhile."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imcap-read") as pool:
+        upcoming = pool.submit(work, items[0])
+        for item in items[1:]:
+            current, upcoming = upcoming.result(), pool.submit(work, item)
+            yield current
+        yield upcoming.result()
+
+
 def _decode_each(
-    chunk: Sequence[Path], max_pixels: int | None, summary: BatchSummary, report: Callable
-) -> list[tuple[Path, Image.Image]]:
-    decoded = []
+    chunk: Sequence[Path], max_pixels: int | None
+) -> tuple[list[tuple[Path, Image.Image]], list[ImageLoadError]]:
+    decoded, failed = [], []
     for path in chunk:
         try:
             decoded.append((path, load_image(path, max_pixels)))
         except ImageLoadError as error:
-            summary.failed.append(error)
-            report(error)
-    return decoded
+            failed.append(error)
+    return decoded, failed
 
 
 def _framed(result: CaptionResult, prefix: str, suffix: str) -> CaptionResult:

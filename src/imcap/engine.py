@@ -1,0 +1,310 @@
+"""The inference engine: batched greedy and beam-search decoding that gives `generate`'s tokens, faster.
+
+Why not call `model.generate` per batch? On a CPU the decoder of a captioning model is small, and most of
+generate's time per step goes to work that captioning doesn't need: re-reordering the cross-attention
+cache of every beam (whose rows are identical within an image), and carrying finished images to the end
+of the batch. This engine runs the same algorithm as transformers' greedy and vectorised beam search
+(same log-softmax, logits processors, top-2k continuations, length penalty and early stopping), so its
+captions are token-for-token those of `generate`, but:
+
+- the encoder runs once per image; every beam reads the same cross-attention keys/values, so only the
+  self-attention cache is reordered between steps;
+- an image leaves the batch as soon as its result can no longer change (all beams finished, or no open
+  beam can beat the finished ones), so a long caption doesn't make the whole batch pay for it;
+- our EfficientNet-Lite encoder runs with BatchNorm folded into its convolutions and channels-last
+  memory. Folding changes float rounding (~1e-5 on the visual tokens); `benchmarks/bench_caption.py`
+  measures that captions stay identical to plain `generate`'s.
+
+Sampling is not here: the Captioner sends it to `generate`, where seeded sampling is reproducible.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig
+from transformers.generation import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
+
+from imcap.encoder import EfficientNetLiteEncoder
+
+_MASKED = -1.0e9  # the score transformers' beam search gives to excluded beams; kept for identical ties
+
+
+@dataclass
+class Decoded:
+    """One decoded caption: generated token ids (end-of-text included when reached) and their log-prob."""
+
+    tokens: list[int]
+    score: float  # sum of the (processed) log-probabilities of `tokens`
+
+
+@dataclass(frozen=True)
+class _Special:
+    start: int
+    eos: torch.Tensor  # (n,) end-of-text ids
+    pad: int
+
+
+class Engine:
+    """Encode pixels once, decode every image of a batch together; see the module docstring."""
+
+    def __init__(self, model: nn.Module, fold_batchnorm: bool = True):
+        self.model = model
+        self.encoder = _fast_encoder(model.encoder) if fold_batchnorm else model.encoder
+        self.special = _special_tokens(model.generation_config)
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, S, D_decoder): the states the decoder cross-attends to."""
+        pixels = pixel_values.to(device=self.model.device, dtype=self.model.dtype)
+        if isinstance(self.encoder, EfficientNetLiteEncoder):
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        hidden = self.encoder(pixel_values=pixels).last_hidden_state
+        return _project_to_decoder(self.model, hidden)
+
+    @torch.inference_mode()
+    def decode(self, hidden: torch.Tensor, config: GenerationConfig) -> list[list[Decoded]]:
+        """Per image, the `num_return_sequences` best captions (best first) under greedy or beam search."""
+        if config.do_sample:
+            raise ValueError("the engine decodes greedily or with beams; sampling goes through generate")
+        config = _with_defaults(config)
+        processors = _logits_processors(config, self.special)
+        if config.num_beams > 1:
+            return _BeamSearch(self.model.decoder, hidden, config, self.special, processors).run()
+        return _greedy(self.model.decoder, hidden, config, self.special, processors)
+
+
+def _with_defaults(config: GenerationConfig) -> GenerationConfig:
+    """A copy with the fields left unset filled in as `generate` fills them."""
+    config = copy.deepcopy(config)
+    if config.max_new_tokens is None:
+        config.max_new_tokens = (config.max_length or 20) - 1  # the prompt is one start token
+    config.num_return_sequences = config.num_return_sequences or 1
+    config.length_penalty = 1.0 if config.length_penalty is None else config.length_penalty
+    config.early_stopping = config.early_stopping or False  # True, False or "never"
+    return config
+
+
+def _special_tokens(config: GenerationConfig) -> _Special:
+    eos = config.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+    start = config.decoder_start_token_id
+    start = config.bos_token_id if start is None else start
+    pad = config.pad_token_id if config.pad_token_id is not None else eos_ids[0]
+    return _Special(start=start, eos=torch.tensor(eos_ids), pad=pad)
+
+
+def _project_to_decoder(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """VisionEncoderDecoderModel projects encoder states when the widths differ (see its forward)."""
+    widths_differ = model.encoder.config.hidden_size != model.decoder.config.hidden_size
+    if widths_differ and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:
+        return model.enc_to_dec_proj(hidden)
+    return hidden
+
+
+def _logits_processors(config: GenerationConfig, special: _Special) -> LogitsProcessorList:
+    """The processors `generate` would build for these settings, in its order (prompt = the start token)."""
+    processors = LogitsProcessorList()
+    if config.repetition_penalty not in (None, 1.0):
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    if config.min_new_tokens:
+        processors.append(MinNewTokensLengthLogitsProcessor(1, config.min_new_tokens, special.eos))
+    return processors
+
+
+def _new_cache(decoder: nn.Module) -> EncoderDecoderCache:
+    return EncoderDecoderCache(DynamicCache(config=decoder.config), DynamicCache(config=decoder.config))
+
+
+def _next_log_probs(decoder, tokens, hidden, cache) -> torch.Tensor:
+    """(rows, V) log-softmax of the next-token logits, given the last token of each row."""
+    logits = decoder(
+        input_ids=tokens[:, -1:], encoder_hidden_states=hidden, past_key_values=cache, use_cache=True
+    ).logits[:, -1, :]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _greedy(decoder, hidden, config, special, processors) -> list[list[Decoded]]:
+    """Greedy decoding as `generate` does it: argmax of the processed logits, until end-of-text."""
+    batch, cache = hidden.shape[0], _new_cache(decoder)
+    sequences = torch.full((batch, 1), special.start, dtype=torch.long, device=hidden.device)
+    scores = torch.zeros(batch, device=hidden.device)
+    active = torch.arange(batch, device=hidden.device)  # image index of each row still decoding
+    results: list[list[Decoded]] = [[] for _ in range(batch)]
+    for _ in range(config.max_new_tokens):
+        logits = decoder(
+            input_ids=sequences[:, -1:], encoder_hidden_states=hidden, past_key_values=cache, use_cache=True
+        ).logits[:, -1, :]
+        processed = processors(sequences, logits.float())
+        token = processed.argmax(dim=-1)
+        # generate scores greedy tokens with the processed logits, normalised (see Captioner._generate)
+        scores = scores + torch.log_softmax(processed, dim=-1).gather(1, token[:, None]).squeeze(1)
+        sequences = torch.cat([sequences, token[:, None]], dim=1)
+        finished = torch.isin(token, special.eos.to(token.device))
+        if sequences.shape[1] - 1 == config.max_new_tokens:
+            finished[:] = True
+        for row in finished.nonzero().flatten().tolist():
+            results[active[row]].append(Decoded(sequences[row, 1:].tolist(), float(scores[row])))
+        if finished.all():
+            break
+        if finished.any():  # drop finished images from the batch and their rows from the caches
+            keep = (~finished).nonzero().flatten()
+            sequences, scores, active, hidden = sequences[keep], scores[keep], active[keep], hidden[keep]
+            cache.reorder_cache(keep)
+    return results
+
+
+class _BeamSearch:
+    """transformers' vectorised beam search (GenerationMixin._beam_search), step for step, with
+    finished images leaving the batch. Shapes: B images, K beams, 2K candidates kept per step."""
+
+    def __init__(self, decoder, hidden, config: GenerationConfig, special: _Special, processors):
+        self.decoder, self.config, self.special, self.processors = decoder, config, special, processors
+        self.beams, self.keep = config.num_beams, max(2, 1 + len(special.eos)) * config.num_beams
+        self.penalty, self.early_stopping = config.length_penalty, config.early_stopping
+        self.max_length = 1 + config.max_new_tokens
+        batch, device = hidden.shape[0], hidden.device
+        self.hidden = hidden.repeat_interleave(self.beams, dim=0)  # (B*K, S, D): one copy per beam
+        self.cache = _new_cache(decoder)
+        shape = (batch, self.beams, self.max_length)
+        self.running = torch.full(shape, special.pad, dtype=torch.long, device=device)
+        self.running[:, :, 0] = special.start
+        self.running_scores = torch.zeros(batch, self.beams, device=device)
+        self.running_scores[:, 1:] = _MASKED  # only the first beam expands at step one
+        self.finished = self.running.clone()
+        self.finished_scores = torch.full((batch, self.beams), _MASKED, device=device)  # length-penalised
+        self.finished_sums = torch.zeros(batch, self.beams, device=device)  # plain log-prob sums
+        self.is_finished = torch.zeros(batch, self.beams, dtype=torch.bool, device=device)
+        self.can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        self.images = torch.arange(batch, device=device)  # original index of each image still in the batch
+        self.results: list[list[Decoded]] = [[] for _ in range(batch)]
+
+    def run(self) -> list[list[Decoded]]:
+        length = 1
+        while True:
+            rows = self.running[:, :, :length].flatten(0, 1)
+            log_probs = _next_log_probs(self.decoder, rows, self.hidden, self.cache)
+            log_probs = self.processors(rows, log_probs)
+            hits_stop = self._step(log_probs, length)
+            length += 1
+            self._update_can_improve(length)
+            done = ~self.can_improve[:, 0] | (self.is_finished.all(dim=1) & (self.early_stopping is True))
+            if hits_stop.all():
+                done[:] = True
+            self._collect(done)
+            if done.all():
+                return self.results
+            if done.any():
+                self._drop(~done)
+
+    def _step(self, log_probs: torch.Tensor, length: int) -> torch.Tensor:
+        batch, beams = self.running.shape[:2]
+        totals = (log_probs.view(batch, beams, -1) + self.running_scores[:, :, None]).view(batch, -1)
+        top_scores, top_index = torch.topk(totals, k=self.keep)
+        vocab = log_probs.shape[-1]
+        source_beam, token = top_index // vocab, top_index % vocab
+        candidates = _gather(self.running, source_beam)
+        candidates[:, :, length] = token
+        hits_stop = torch.isin(token, self.special.eos.to(token.device)) | (length + 1 >= self.max_length)
+        # the best K candidates that did not just stop carry on
+        open_scores = top_scores + hits_stop.float() * _MASKED
+        carry = torch.topk(open_scores, k=beams)[1]
+        self.running = _gather(candidates, carry)
+        self.running_scores = _gather(open_scores, carry)
+        offsets = torch.arange(batch, device=token.device)[:, None] * beams
+        self.cache.self_attention_cache.reorder_cache((_gather(source_beam, carry) + offsets).flatten())
+        self._update_finished(candidates, top_scores, hits_stop, length)
+        return hits_stop
+
+    def _update_finished(self, candidates, top_scores, hits_stop, length: int) -> None:
+        """Merge the candidates that just finished (among the top K) into the K best finished ones."""
+        in_top_k = torch.zeros(self.keep, dtype=torch.bool, device=hits_stop.device)
+        in_top_k[: self.beams] = True
+        just_finished = hits_stop & in_top_k[None, :]
+        penalised = top_scores / (length**self.penalty)
+        full = self.is_finished.all(dim=-1, keepdim=True) & (self.early_stopping is True)
+        penalised = penalised + full.float() * _MASKED
+        penalised = penalised + (~self.can_improve).float() * _MASKED
+        penalised = penalised + (~just_finished) * _MASKED
+        merged_scores = torch.cat([self.finished_scores, penalised], dim=1)
+        best = torch.topk(merged_scores, k=self.beams)[1]
+        self.finished = _gather(torch.cat([self.finished, candidates], dim=1), best)
+        self.finished_scores = _gather(merged_scores, best)
+        self.finished_sums = _gather(torch.cat([self.finished_sums, top_scores], dim=1), best)
+        self.is_finished = _gather(torch.cat([self.is_finished, just_finished], dim=1), best)
+
+    def _update_can_improve(self, length: int) -> None:
+        """Could the best open beam still beat the worst finished one? (early_stopping=False/True rule)."""
+        if self.early_stopping == "never" and self.penalty > 0.0:
+            best_length = self.max_length - 1
+        else:
+            best_length = length - 1
+        best_open = self.running_scores[:, :1] / (best_length**self.penalty)
+        worst_finished = torch.where(
+            self.is_finished, self.finished_scores.min(dim=1, keepdim=True)[0], _MASKED
+        )
+        self.can_improve &= (best_open > worst_finished).any(dim=-1, keepdim=True)
+
+    def _collect(self, done: torch.Tensor) -> None:
+        wanted = self.config.num_return_sequences
+        for b in done.nonzero().flatten().tolist():
+            image = int(self.images[b])
+            for k in range(wanted):
+                tokens = _cut_after_eos(self.finished[b, k, 1:].tolist(), self.special)
+                self.results[image].append(Decoded(tokens, float(self.finished_sums[b, k])))
+
+    def _drop(self, keep: torch.Tensor) -> None:
+        """Remove finished images: their beams' rows from every tensor and from both caches."""
+        images = keep.nonzero().flatten()
+        rows = (images[:, None] * self.beams + torch.arange(self.beams, device=images.device)).flatten()
+        for name in ("running", "running_scores", "finished", "finished_scores", "finished_sums"):
+            setattr(self, name, getattr(self, name)[images])
+        self.is_finished, self.can_improve = self.is_finished[images], self.can_improve[images]
+        self.images, self.hidden = self.images[images], self.hidden[rows]
+        self.cache.reorder_cache(rows)
+
+
+def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor[b, index[b, j], ...] for a (B, N, ...) tensor and a (B, M) index."""
+    while index.dim() < tensor.dim():
+        index = index.unsqueeze(-1)
+    return torch.take_along_dim(tensor, index, dim=1)
+
+
+def _cut_after_eos(tokens: list[int], special: _Special) -> list[int]:
+    eos = set(special.eos.tolist())
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def _fast_encoder(encoder: nn.Module) -> nn.Module:
+    """A copy of our CNN encoder with BatchNorm folded into the convolutions, in channels-last memory.
+
+    Other encoders (ViT, ...) are returned as they are. The model itself is left untouched, so that
+    training, saving and plain `generate` keep the original layers.
+    """
+    if not isinstance(encoder, EfficientNetLiteEncoder) or encoder.training:
+        return encoder
+    fast = copy.deepcopy(encoder)
+    cnn = fast.cnn
+    cnn._conv_stem, cnn._bn0 = fuse_conv_bn_eval(cnn._conv_stem, cnn._bn0), nn.Identity()
+    cnn._conv_head, cnn._bn1 = fuse_conv_bn_eval(cnn._conv_head, cnn._bn1), nn.Identity()
+    for block in cnn._blocks:
+        pairs = [("_expand_conv", "_bn0")] if hasattr(block, "_expand_conv") else []
+        for conv, norm in [*pairs, ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]:
+            setattr(block, conv, fuse_conv_bn_eval(getattr(block, conv), getattr(block, norm)))
+            setattr(block, norm, nn.Identity())
+    return fast.to(memory_format=torch.channels_last)

@@ -1,0 +1,190 @@
+"""The engine gives the tokens of plain `generate`, whatever the batch size, for greedy and beam search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from imcap.batch import caption_batches
+from imcap.captioner import Captioner
+from imcap.engine import Engine
+from imcap.generation import CaptionOptions, generation_config
+from imcap.images import ImageLoadError
+from imcap.modeling import load_model
+
+from .conftest import EXAMPLES
+
+SETTINGS = {
+    "greedy": CaptionOptions(num_beams=1, max_new_tokens=12),
+    "beam3": CaptionOptions(num_beams=3, max_new_tokens=12),
+    "beam4-three-returned": CaptionOptions(num_beams=4, num_return_sequences=3, max_new_tokens=10),
+    "beam3-length-penalty": CaptionOptions(num_beams=3, length_penalty=0.6, max_new_tokens=12),
+    "beam2-processors": CaptionOptions(
+        num_beams=2, repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=4, max_new_tokens=9
+    ),
+    "greedy-processors": CaptionOptions(
+        num_beams=1, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=3, max_new_tokens=9
+    ),
+    "beam3-hits-max-length": CaptionOptions(num_beams=3, max_new_tokens=3),
+}
+
+
+def noise_pictures(count: int, size: int = 64) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def plain_generate(model, pixels: torch.Tensor, config: GenerationConfig) -> list[list[list[int]]]:
+    """Per image, the generated tokens of each returned sequence, cut after end-of-text: `generate`, one
+    image at a time, as the baseline does."""
+    eos = config.eos_token_id
+    per_image = []
+    for row in pixels:
+        out = model.generate(pixel_values=row[None], generation_config=config)
+        per_image.append([_cut(seq[1:].tolist(), eos) for seq in out])
+    return per_image
+
+
+def _cut(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def engine_tokens(engine: Engine, pixels: torch.Tensor, config, batch_size: int) -> list[list[list[int]]]:
+    tokens = []
+    for start in range(0, len(pixels), batch_size):
+        decoded = engine.decode(engine.encode(pixels[start : start + batch_size]), config)
+        tokens += [[d.tokens for d in candidates] for candidates in decoded]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def seeing(seeing_model_dir):
+    """The tiny image-dependent model, made to end its captions at different lengths: a random decoder
+    rarely says end-of-text, and batches whose images all run to max_new_tokens test little."""
+    loaded = load_model(seeing_model_dir)
+    with torch.no_grad():
+        loaded.model.decoder.lm_head.weight[loaded.model.generation_config.eos_token_id] *= 40
+    pixels = loaded.image_processor(noise_pictures(16), return_tensors="pt")["pixel_values"]
+    return loaded, pixels
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_engine_tokens_equal_plain_generate(seeing, name, batch_size):
+    loaded, pixels = seeing
+    config = generation_config(SETTINGS[name], loaded.model.generation_config)
+    with torch.inference_mode():
+        expected = plain_generate(loaded.model, pixels, config)
+        # BatchNorm folding changes float rounding; it is checked on its own below
+        got = engine_tokens(Engine(loaded.model, fold_batchnorm=False), pixels, config, batch_size)
+    assert got == expected
+    if name == "beam3":  # captions of several lengths: images really leave the batch early
+        assert len({len(candidates[0]) for candidates in got}) > 1
+
+
+def test_engine_scores_match_generate(seeing):
+    loaded, pixels = seeing
+    options = CaptionOptions(num_beams=3, num_return_sequences=2, max_new_tokens=12)
+    fast = Captioner(loaded, engine=True)
+    fast.engine = Engine(loaded.model, fold_batchnorm=False)
+    plain = Captioner(loaded, engine=False)
+    ours, theirs = fast.caption_pixels(pixels, options), plain.caption_pixels(pixels, options)
+    for a, b in zip(ours, theirs, strict=True):
+        assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
+        assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], abs=1e-4)
+
+
+def test_folded_encoder_matches_the_original(seeing):
+    loaded, pixels = seeing
+    with torch.inference_mode():
+        original = loaded.model.encoder(pixel_values=pixels).last_hidden_state
+        folded = Engine(loaded.model).encode(pixels)
+    assert folded.shape == original.shape
+    assert torch.allclose(folded, original, atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.encoder.modules())  # untouched
+
+
+def test_shipped_model_captions_equal_plain_generate_on_the_examples():
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    fast = Captioner.from_pretrained()
+    plain = Captioner(fast.loaded, engine=False)
+    for options in (CaptionOptions(), CaptionOptions(num_beams=1)):
+        batched = [r.caption for r in fast(photos, options)]
+        one_by_one = [plain(photo, options)[0].caption for photo in photos]
+        assert batched == one_by_one
+        assert all(batched)
+
+
+def tiny_vit_gpt2() -> VisionEncoderDecoderModel:
+    """A ViT + GPT-2 pair shaped like nlpconnect/vit-gpt2 (in miniature, widths differ on purpose)."""
+    torch.manual_seed(0)
+    vit = ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=96,
+        ),
+        add_pooling_layer=False,
+    )
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, add_cross_attention=True)
+    )
+    model = VisionEncoderDecoderModel(encoder=vit, decoder=gpt2).eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=0, bos_token_id=0, eos_token_id=1, pad_token_id=2
+    )
+    return model
+
+
+@pytest.mark.parametrize(("beams", "early_stopping"), [(1, None), (3, True), (3, False), (3, "never")])
+def test_engine_handles_other_encoders_and_width_projection(beams, early_stopping):
+    model = tiny_vit_gpt2()
+    assert model.encoder.config.hidden_size != model.decoder.config.hidden_size  # enc_to_dec_proj used
+    pixels = torch.randn(6, 3, 32, 32)
+    config = GenerationConfig.from_dict(
+        {**model.generation_config.to_dict(), "num_beams": beams, "max_new_tokens": 8}
+    )
+    config.early_stopping = early_stopping
+    with torch.inference_mode():
+        expected = plain_generate(model, pixels, config)
+        got = engine_tokens(Engine(model), pixels, config, batch_size=6)
+    assert got == expected
+
+
+def test_engine_refuses_sampling(seeing):
+    loaded, pixels = seeing
+    config = generation_config(CaptionOptions(num_beams=1, do_sample=True), loaded.model.generation_config)
+    with pytest.raises(ValueError, match="sampling"):
+        Engine(loaded.model).decode(torch.zeros(1, 4, 32), config)
+
+
+def test_caption_batches_keeps_order_and_reports_bad_files(seeing_model_dir, tmp_path):
+    captioner = Captioner.from_pretrained(seeing_model_dir)
+    paths = []
+    for i, picture in enumerate(noise_pictures(7)):
+        paths.append(tmp_path / f"{i}.png")
+        picture.save(paths[-1])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    paths.insert(3, broken)
+    options = CaptionOptions(num_beams=2, max_new_tokens=8)
+    batches = list(caption_batches(captioner, paths, options, batch_size=3))
+    assert [len(b.paths) + len(b.failed) for b in batches] == [3, 3, 2]
+    assert [p for b in batches for p in b.paths] == [p for p in paths if p != broken]
+    failed = [e for b in batches for e in b.failed]
+    assert len(failed) == 1 and isinstance(failed[0], ImageLoadError) and "broken.jpg" in str(failed[0])
+    direct = captioner([p for p in paths if p != broken], options)
+    assert [r.caption for b in batches for r in b.results] == [r.caption for r in direct]
