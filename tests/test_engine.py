@@ -17,10 +17,11 @@ from transformers import (
 
 from imcap.batch import caption_batches
 from imcap.captioner import Captioner
-from imcap.engine import Engine
+from imcap.engine import Engine, EngineOptions
 from imcap.generation import CaptionOptions, generation_config
 from imcap.images import ImageLoadError
 from imcap.modeling import load_model
+from imcap.tokenizer import format_caption
 
 from .conftest import EXAMPLES
 
@@ -86,7 +87,9 @@ def test_engine_tokens_equal_plain_generate(seeing, name, batch_size):
     with torch.inference_mode():
         expected = plain_generate(loaded.model, pixels, config)
         # BatchNorm folding changes float rounding; it is checked on its own below
-        got = engine_tokens(Engine(loaded.model, fold_batchnorm=False), pixels, config, batch_size)
+        got = engine_tokens(
+            Engine(loaded.model, EngineOptions(fold_batchnorm=False)), pixels, config, batch_size
+        )
     assert got == expected
     if name == "beam3":  # captions of several lengths: images really leave the batch early
         assert len({len(candidates[0]) for candidates in got}) > 1
@@ -95,9 +98,9 @@ def test_engine_tokens_equal_plain_generate(seeing, name, batch_size):
 def test_engine_scores_match_generate(seeing):
     loaded, pixels = seeing
     options = CaptionOptions(num_beams=3, num_return_sequences=2, max_new_tokens=12)
-    fast = Captioner(loaded, engine=True)
-    fast.engine = Engine(loaded.model, fold_batchnorm=False)
-    plain = Captioner(loaded, engine=False)
+    fast = Captioner(loaded)
+    fast.engine = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
+    plain = Captioner(loaded, use_engine=False)
     ours, theirs = fast.caption_pixels(pixels, options), plain.caption_pixels(pixels, options)
     for a, b in zip(ours, theirs, strict=True):
         assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
@@ -117,7 +120,7 @@ def test_folded_encoder_matches_the_original(seeing):
 def test_shipped_model_captions_equal_plain_generate_on_the_examples():
     photos = sorted(EXAMPLES.glob("*.jpg"))
     fast = Captioner.from_pretrained()
-    plain = Captioner(fast.loaded, engine=False)
+    plain = Captioner(fast.loaded, use_engine=False)
     for options in (CaptionOptions(), CaptionOptions(num_beams=1)):
         batched = [r.caption for r in fast(photos, options)]
         one_by_one = [plain(photo, options)[0].caption for photo in photos]
@@ -188,3 +191,19 @@ def test_caption_batches_keeps_order_and_reports_bad_files(seeing_model_dir, tmp
     assert len(failed) == 1 and isinstance(failed[0], ImageLoadError) and "broken.jpg" in str(failed[0])
     direct = captioner([p for p in paths if p != broken], options)
     assert [r.caption for b in batches for r in b.results] == [r.caption for r in direct]
+
+
+def test_candidates_carry_the_same_tokens_on_both_paths(seeing):
+    loaded, pixels = seeing
+    options = CaptionOptions(num_beams=3, num_return_sequences=2, max_new_tokens=12)
+    fast = Captioner(loaded)
+    fast.engine = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
+    ours = fast.caption_pixels(pixels, options)
+    theirs = Captioner(loaded, use_engine=False).caption_pixels(pixels, options)
+    eos = loaded.model.generation_config.eos_token_id
+    for a, b in zip(ours, theirs, strict=True):
+        assert [c.tokens for c in a.candidates] == [c.tokens for c in b.candidates]
+        for candidate in a.candidates:
+            assert candidate.tokens and eos not in candidate.tokens[:-1]  # cut after the first end
+            text = loaded.tokenizer.decode(candidate.tokens, skip_special_tokens=True)
+            assert candidate.text == format_caption(text)

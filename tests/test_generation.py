@@ -186,7 +186,7 @@ def test_greedy_score_is_the_model_log_probability_of_the_caption(captioner, ima
     out = captioner.model.generate(
         pixel_values=pixels, generation_config=config, output_scores=True, return_dict_in_generate=True
     )
-    scores, _ = captioner._sequence_scores(out, config)
+    scores, _, _ = captioner._sequence_scores(out, config)
     eos = captioner.model.generation_config.eos_token_id
     for i, image in enumerate(images[:3]):
         assert float(scores[i]) == pytest.approx(
@@ -202,7 +202,7 @@ def test_beam_scores_match_beam_search_and_the_best_comes_first(captioner, image
     out = captioner.model.generate(
         pixel_values=pixels, generation_config=config, output_scores=True, return_dict_in_generate=True
     )
-    scores, lengths = captioner._sequence_scores(out, config)
+    scores, lengths, _ = captioner._sequence_scores(out, config)
     assert torch.isfinite(scores).all()
     # beam search ranks by log-prob / length**length_penalty: our sums reproduce its own sequence scores
     assert torch.allclose(scores / lengths**0.7, out.sequences_scores, atol=1e-4)

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers import VisionEncoderDecoderModel
 
-from imcap.engine import Decoded, Engine
+from imcap.engine import Decoded, Engine, EngineOptions
 from imcap.generation import CaptionOptions, check_fits, generation_config
 from imcap.images import DEFAULT_MAX_PIXELS, ImageInput, as_image
 from imcap.modeling import LoadedModel, load_model
@@ -30,6 +31,7 @@ class Candidate:
     # log-probability of the caption's tokens (end-of-text included) under the distribution decoding drew
     # from: the model's own for greedy and beam search, reshaped by temperature/top-k/top-p when sampling
     score: float
+    tokens: list[int] = field(default_factory=list, repr=False)  # generated ids, end-of-text included
 
 
 @dataclass
@@ -47,23 +49,32 @@ class Captioner:
     print(result.caption, [(c.text, c.score) for c in result.candidates])
     """
 
-    def __init__(self, loaded: LoadedModel, max_pixels: int | None = DEFAULT_MAX_PIXELS, engine: bool = True):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        engine: EngineOptions | None = None,
+        use_engine: bool = True,
+    ):
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.max_pixels = max_pixels  # images announcing more pixels are refused (see imcap.images)
-        # greedy and beam search go through imcap's engine (same tokens as generate, faster); engine=False
-        # sends everything to plain `generate`, as sampling always is
-        self.engine = Engine(self.model) if engine else None
+        # greedy and beam search of VisionEncoderDecoder models go through imcap's engine (generate's tokens,
+        # faster); use_engine=False sends everything to plain `generate`, as sampling and the prefix and
+        # LSTM models always are
+        uses_engine = use_engine and isinstance(self.model, VisionEncoderDecoderModel)
+        self.engine = Engine(self.model, engine) if uses_engine else None
 
     @classmethod
     def from_pretrained(
         cls,
         name_or_path: str | Path | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        engine: bool = True,
+        engine: EngineOptions | None = None,
+        use_engine: bool = True,
     ) -> Captioner:
         """None loads the model shipped inside the package; otherwise a local folder or a hub id."""
-        return cls(load_model(name_or_path), max_pixels=max_pixels, engine=engine)
+        return cls(load_model(name_or_path), max_pixels, engine, use_engine)
 
     @property
     def name(self) -> str:
@@ -119,22 +130,26 @@ class Captioner:
         config = generation_config(options, self.model.generation_config)
         per_image = self.engine.decode(self.engine.encode(pixels), config)
         flat: list[Decoded] = [decoded for candidates in per_image for decoded in candidates]
-        texts = self.loaded.tokenizer.batch_decode([d.tokens for d in flat], skip_special_tokens=True)
         scores = torch.tensor([d.score for d in flat])
         lengths = torch.tensor([max(len(d.tokens), 1) for d in flat])
-        return _results([format_caption(t) for t in texts], scores, lengths, options)
+        return self._results([d.tokens for d in flat], scores, lengths, options)
 
     def _generate(self, pixels: torch.Tensor, options: CaptionOptions) -> list[CaptionResult]:
         config = generation_config(options, self.model.generation_config)
         config.update(return_dict_in_generate=True, output_scores=True)  # scores for the candidates
         with _seeded(options.seed, self.model.device):
             out = self.model.generate(pixel_values=pixels.to(self.model.device), generation_config=config)
-        scores, lengths = self._sequence_scores(out, config)
-        texts = self.loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-        return _results([format_caption(t) for t in texts], scores, lengths, options)
+        scores, lengths, generated = self._sequence_scores(out, config)
+        tokens = [row[:length].tolist() for row, length in zip(generated, lengths.tolist(), strict=True)]
+        return self._results(tokens, scores, lengths, options)
 
-    def _sequence_scores(self, out, config) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) sum of token log-probabilities of each returned sequence, and (N,) its length in tokens.
+    def _results(self, tokens: list[list[int]], scores, lengths, options) -> list[CaptionResult]:
+        texts = self.loaded.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return _results([format_caption(t) for t in texts], tokens, scores, lengths, options)
+
+    def _sequence_scores(self, out, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N,) sum of token log-probabilities of each returned sequence, (N,) its length in tokens, and
+        (N, T) the generated tokens (the prompt cut off; a model may or may not return it).
 
         Beam search keeps log-softmaxed scores and gives beam_indices; greedy and sampling keep the
         (processed) logits of row i for sequence i, which we normalise here.
@@ -144,23 +159,27 @@ class Captioner:
             out.sequences, out.scores, beam_indices, normalize_logits=beam_indices is None
         )
         generated = out.sequences[:, -transition.shape[1] :]
-        return sequence_log_probs(transition, generated, _eos_ids(config))
+        return (*sequence_log_probs(transition, generated, _eos_ids(config)), generated)
 
 
 def _results(
-    texts: list[str], scores: torch.Tensor, lengths: torch.Tensor, options: CaptionOptions
+    texts: list[str],
+    tokens: list[list[int]],
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    options: CaptionOptions,
 ) -> list[CaptionResult]:
     """Group the N = images x num_return_sequences outputs by image, best candidate first."""
     per_image, results = options.num_return_sequences, []
     for start in range(0, len(texts), per_image):
         rows = [
-            (float(scores[r]), float(scores[r] / lengths[r]), texts[r])
+            (float(scores[r]), float(scores[r] / lengths[r]), texts[r], tokens[r])
             for r in range(start, start + per_image)
         ]
         if options.num_beams == 1 and per_image > 1:
             # independent samples come unordered: rank them by mean token log-prob, as beam search would
             rows.sort(key=lambda row: -row[1])
-        candidates = [Candidate(text, score) for score, _, text in rows]
+        candidates = [Candidate(text, score, ids) for score, _, text, ids in rows]
         results.append(CaptionResult(candidates[0].text, candidates, options.to_dict()))
     return results
 

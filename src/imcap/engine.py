@@ -54,12 +54,27 @@ class _Special:
     pad: int
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs the model. The defaults keep `generate`'s captions (see the module docstring);
+    `onnx_encoder` and `int8_decoder` are faster and change the numbers a little (imcap.accel)."""
+
+    fold_batchnorm: bool = True
+    onnx_encoder: bool = False
+    int8_decoder: bool = False
+
+
 class Engine:
     """Encode pixels once, decode every image of a batch together; see the module docstring."""
 
-    def __init__(self, model: nn.Module, fold_batchnorm: bool = True):
-        self.model = model
-        self.encoder = _fast_encoder(model.encoder) if fold_batchnorm else model.encoder
+    def __init__(self, model: nn.Module, options: EngineOptions | None = None):
+        from imcap import accel  # imported here: the options it serves are opt-in
+
+        self.model, self.options = model, options or EngineOptions()
+        self.encoder = _fast_encoder(model.encoder) if self.options.fold_batchnorm else model.encoder
+        if self.options.onnx_encoder:
+            self.encoder = accel.OnnxEncoder(self.encoder, model.encoder.config.image_size)
+        self.decoder = accel.int8_decoder(model.decoder) if self.options.int8_decoder else model.decoder
         self.special = _special_tokens(model.generation_config)
 
     @torch.inference_mode()
@@ -79,8 +94,8 @@ class Engine:
         config = _with_defaults(config)
         processors = _logits_processors(config, self.special)
         if config.num_beams > 1:
-            return _BeamSearch(self.model.decoder, hidden, config, self.special, processors).run()
-        return _greedy(self.model.decoder, hidden, config, self.special, processors)
+            return _BeamSearch(self.decoder, hidden, config, self.special, processors).run()
+        return _greedy(self.decoder, hidden, config, self.special, processors)
 
 
 def _with_defaults(config: GenerationConfig) -> GenerationConfig:
@@ -175,7 +190,7 @@ class _BeamSearch:
         self.penalty, self.early_stopping = config.length_penalty, config.early_stopping
         self.max_length = 1 + config.max_new_tokens
         batch, device = hidden.shape[0], hidden.device
-        self.hidden = hidden.repeat_interleave(self.beams, dim=0)  # (B*K, S, D): one copy per beam
+        self.hidden = hidden  # (B, S, D) for the first step, then one copy per beam (B*K, S, D)
         self.cache = _new_cache(decoder)
         shape = (batch, self.beams, self.max_length)
         self.running = torch.full(shape, special.pad, dtype=torch.long, device=device)
@@ -194,8 +209,7 @@ class _BeamSearch:
         length = 1
         while True:
             rows = self.running[:, :, :length].flatten(0, 1)
-            log_probs = _next_log_probs(self.decoder, rows, self.hidden, self.cache)
-            log_probs = self.processors(rows, log_probs)
+            log_probs = self._first_step(rows) if length == 1 else self._next_step(rows)
             hits_stop = self._step(log_probs, length)
             length += 1
             self._update_can_improve(length)
@@ -207,6 +221,20 @@ class _BeamSearch:
                 return self.results
             if done.any():
                 self._drop(~done)
+
+    def _first_step(self, rows: torch.Tensor) -> torch.Tensor:
+        """Step one, once per image instead of once per beam: every beam of an image starts from the same
+        start token, so their outputs are equal (generate computes them K times). This also computes each
+        image's cross-attention keys/values once; the caches are then copied out to one row per beam."""
+        first = rows[:: self.beams]
+        log_probs = self.processors(first, _next_log_probs(self.decoder, first, self.hidden, self.cache))
+        per_beam = torch.arange(len(first), device=rows.device).repeat_interleave(self.beams)
+        self.cache.reorder_cache(per_beam)
+        self.hidden = self.hidden[per_beam]
+        return log_probs[per_beam]
+
+    def _next_step(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.processors(rows, _next_log_probs(self.decoder, rows, self.hidden, self.cache))
 
     def _step(self, log_probs: torch.Tensor, length: int) -> torch.Tensor:
         batch, beams = self.running.shape[:2]

@@ -1,0 +1,117 @@
+"""Opt-in accelerations that change the numbers: ONNX Runtime for the encoder, int8 for the decoder.
+
+Neither is on by default. Both trade exactness for speed, so their cost is measured on Flickr8k val
+(README, "Speed"): captions can differ from the fp32 model's, and the metrics say by how much.
+
+- `onnx_encoder`: the (BatchNorm-folded) encoder exported with `torch.onnx.export(dynamo=True)` and run
+  by ONNX Runtime, whose CPU kernels for depthwise convolutions beat PyTorch's. The export is cached on
+  disk, keyed by the weights, so it happens once per model.
+- `int8_decoder`: dynamic int8 quantisation (weights int8, activations quantised per batch) of every
+  linear layer of the decoder, GPT-2's `Conv1D` layers included (converted to `nn.Linear` first).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.pytorch_utils import Conv1D
+
+ONNX_CACHE = Path(os.environ.get("IMCAP_ONNX_CACHE", "~/.cache/imcap/onnx")).expanduser()
+
+
+class AccelError(RuntimeError):
+    """An acceleration that cannot be used here (a missing package, an export that fails); one line."""
+
+
+def int8_decoder(decoder: nn.Module) -> nn.Module:
+    """A copy of `decoder` whose linear layers run in int8 (dynamic quantisation, fp32 elsewhere)."""
+    quantized = copy.deepcopy(decoder).eval()
+    _conv1d_to_linear(quantized)
+    return torch.ao.quantization.quantize_dynamic(quantized, {nn.Linear}, dtype=torch.qint8)
+
+
+def _conv1d_to_linear(module: nn.Module) -> None:
+    """GPT-2's Conv1D is a linear layer with a transposed weight; quantize_dynamic only knows nn.Linear."""
+    for name, child in module.named_children():
+        if isinstance(child, Conv1D):
+            linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
+            linear.weight.data, linear.bias.data = child.weight.data.t().contiguous(), child.bias.data
+            setattr(module, name, linear)
+        else:
+            _conv1d_to_linear(child)
+
+
+class OnnxEncoder(nn.Module):
+    """Runs an encoder through ONNX Runtime; called like the encoder (`pixel_values=` in, states out)."""
+
+    def __init__(self, encoder: nn.Module, image_size: int, threads: int | None = None):
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise AccelError("--onnx-encoder needs `pip install imcap[accel]` (onnxruntime)") from error
+        path = export_encoder(encoder, image_size)
+        settings = onnxruntime.SessionOptions()
+        settings.intra_op_num_threads = threads or torch.get_num_threads()
+        settings.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), settings, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.config = encoder.config
+
+    def forward(self, pixel_values: torch.Tensor, **_) -> BaseModelOutput:
+        pixels = pixel_values.float().contiguous().numpy()
+        (hidden,) = self.session.run(None, {self.input_name: pixels})[:1]
+        return BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
+
+
+class _StatesOnly(nn.Module):
+    """The encoder as a function of pixels alone, returning a plain tensor: what ONNX export wants."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixel_values=pixel_values).last_hidden_state
+
+
+def export_encoder(encoder: nn.Module, image_size: int) -> Path:
+    """The encoder as an ONNX file with a dynamic batch size, exported once per set of weights."""
+    path = ONNX_CACHE / f"encoder-{_weights_key(encoder, image_size)}.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(2, 3, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    try:
+        program = torch.onnx.export(
+            _StatesOnly(encoder).eval(),
+            (example,),
+            dynamic_shapes={"pixel_values": {0: batch}},
+            input_names=["pixel_values"],
+            output_names=["hidden"],
+            dynamo=True,
+            verbose=False,
+        )
+        program.save(str(partial))
+    except Exception as error:  # the exporter raises many kinds; the user needs one line and a way out
+        raise AccelError(
+            f"could not export the encoder to ONNX ({type(error).__name__}); drop --onnx-encoder"
+        ) from error
+    partial.replace(path)  # atomic: a concurrent or interrupted export never leaves half a file
+    return path
+
+
+def _weights_key(module: nn.Module, image_size: int) -> str:
+    digest = hashlib.sha256(f"{type(module).__name__}:{image_size}:{torch.__version__}".encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
