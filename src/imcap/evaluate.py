@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from imcap.batch import caption_batches
 from imcap.captioner import Captioner
 from imcap.data import load_records
 from imcap.generation import CaptionOptions
@@ -45,10 +46,15 @@ def evaluate(
     options = (options or CaptionOptions()).validate()
     records = load_records(data, split)[:limit]
     predictions, started = {}, time.time()
-    for start in tqdm(range(0, len(records), batch_size), desc=f"captioning {split}", unit="batch"):
-        chunk = records[start : start + batch_size]
-        for record, result in zip(chunk, captioner([r.image for r in chunk], options), strict=True):
-            predictions[str(record.image)] = result.caption
+    images = [record.image for record in records]
+    with tqdm(total=len(images), desc=f"captioning {split}", unit="img") as bar:
+        for batch in caption_batches(captioner, images, options, batch_size):
+            if batch.failed:  # a metric over a partial split would not compare with anything
+                raise batch.failed[0]
+            predictions.update(
+                (str(path), result.caption) for path, result in zip(batch.paths, batch.results, strict=True)
+            )
+            bar.update(len(batch.paths))
     seconds = time.time() - started
     references = {str(r.image): list(r.captions) for r in records}
     metrics = score_captions(predictions, references, meteor=meteor)
