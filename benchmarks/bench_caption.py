@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beams", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--fixed-length", type=int, help="force every caption to this many tokens")
-    parser.add_argument("--batch-size", type=int, default=8, help="imcap's batch size")
+    parser.add_argument("--batch-size", type=int, default=16, help="imcap's batch size")
     parser.add_argument("--block", type=int, default=40, help="images per alternation between the two")
     parser.add_argument("--single", type=int, default=50, help="images captioned one at a time for p50")
     parser.add_argument("--onnx-encoder", action="store_true", help="imcap side: ONNX Runtime encoder")

@@ -33,6 +33,8 @@ TINY_CAPTIONS = [
 
 def build_tiny_model(folder: Path, captions: list[str] | None = None):
     """Save a tiny random EfficientNet-Lite0 + GPT-2 VisionEncoderDecoder to `folder`; return it."""
+    import torch
+
     from imcap.modeling import (
         DecoderSpec,
         EfficientNetLiteEncoderConfig,
@@ -47,6 +49,7 @@ def build_tiny_model(folder: Path, captions: list[str] | None = None):
         variant="efficientnet-lite0", image_size=64, hidden_size=32, num_heads=2
     )
     decoder = DecoderSpec(num_layers=1, hidden_size=32, num_heads=2)
+    torch.manual_seed(0)  # the same tiny model in every run, so a test's outcome never depends on luck
     model = new_model(encoder, decoder, tokenizer, imagenet_weights=False).eval()
     save_model(model, tokenizer, image_processor_for(encoder), folder)
     return model, tokenizer

@@ -10,8 +10,10 @@ import glob
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from imcap.captioner import Candidate, Captioner, CaptionResult
+from imcap.captioner import Captioner, CaptionResult
 from imcap.generation import CaptionOptions
 from imcap.images import IMAGE_SUFFIXES, ImageLoadError, load_image
 from imcap.writers import Writer
@@ -120,38 +122,67 @@ class CaptionedBatch:
 
 
 def caption_batches(
-    captioner: Captioner, images: Sequence[Path], options: CaptionOptions, batch_size: int = 8
+    captioner: Captioner, images: Sequence[Path], options: CaptionOptions, batch_size: int = 16
 ) -> Iterator[CaptionedBatch]:
-    """Caption `images` in batches, reading and preprocessing the next batch while the model runs.
+    """Caption `images` in batches, as a pipeline: worker threads read, preprocess and encode the next
+    batches while this thread decodes the captions of the current one.
 
-    Decoding JPEGs and resizing (Pillow releases the GIL) then overlaps with model compute, so the model
-    rarely waits for input. Each file is decoded on its own, so a bad one is only reported.
+    Each stage runs with one torch thread and the stages run side by side, one per core: on a small CPU
+    that beats running each stage with all cores in turn, because the decoder's many small operations
+    cost more in thread start-up and synchronisation than they gain from a second core. Sampling (and
+    a Captioner without the engine) pipelines only reading and preprocessing. Each file is decoded on
+    its own, so a bad one is only reported.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     options = options.validate()  # bad settings fail before any file is read
+    split = captioner.uses_engine(options)
+    cores = torch.get_num_threads()
 
     def prepare(chunk: Sequence[Path]) -> tuple[list[Path], torch.Tensor | None, list[ImageLoadError]]:
         decoded, failed = _decode_each(chunk, captioner.max_pixels)
         pixels = captioner.pixel_values([picture for _, picture in decoded]) if decoded else None
+        if split and pixels is not None:
+            pixels = captioner.encode(pixels)
         return [path for path, _ in decoded], pixels, failed
 
     chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
-    for paths, pixels, failed in _prefetched(prepare, chunks):
-        results = captioner.caption_pixels(pixels, options) if pixels is not None else []
-        yield CaptionedBatch(paths, results, failed)
+    workers = cores if split else 1
+    with _torch_threads(1 if split else cores):
+        for paths, prepared, failed in _prefetched(prepare, chunks, workers, 1 if split else cores):
+            if prepared is None:
+                results = []
+            elif split:
+                results = captioner.caption_encoded(prepared, options)
+            else:
+                results = captioner.caption_pixels(prepared, options)
+            yield CaptionedBatch(paths, results, failed)
 
 
-def _prefetched(work: Callable, items: Sequence) -> Iterator:
-    """Yield work(item) for each item in order, computing the next one in a worker thread meanwhile."""
-    if not items:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imcap-read") as pool:
-        upcoming = pool.submit(work, items[0])
-        for item in items[1:]:
-            current, upcoming = upcoming.result(), pool.submit(work, item)
+def _prefetched(work: Callable, items: Sequence, workers: int = 1, worker_threads: int = 1) -> Iterator:
+    """Yield work(item) for each item in order, with `workers` threads computing the next ones meanwhile
+    (each running torch with `worker_threads` threads)."""
+    with ThreadPoolExecutor(
+        workers, "imcap-read", initializer=torch.set_num_threads, initargs=(worker_threads,)
+    ) as pool:
+        upcoming = deque(pool.submit(work, item) for item in items[:workers])
+        for item in items[workers:]:
+            current = upcoming.popleft().result()
+            upcoming.append(pool.submit(work, item))
             yield current
-        yield upcoming.result()
+        while upcoming:
+            yield upcoming.popleft().result()
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """Run torch with `count` threads in this thread, then restore the count it had."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _decode_each(
@@ -169,7 +200,7 @@ def _decode_each(
 def _framed(result: CaptionResult, prefix: str, suffix: str) -> CaptionResult:
     if not (prefix or suffix):
         return result
-    candidates = [Candidate(f"{prefix}{c.text}{suffix}", c.score) for c in result.candidates]
+    candidates = [replace(c, text=f"{prefix}{c.text}{suffix}") for c in result.candidates]
     return replace(result, caption=candidates[0].text, candidates=candidates)
 
 

@@ -113,8 +113,8 @@ class Captioner:
         in another thread while this one runs)."""
         options = self._checked(options)
         pixels = pixels.to(self.model.dtype)
-        if self.engine is not None and not options.do_sample:
-            return self._decode(pixels, options)
+        if self.uses_engine(options):
+            return self.caption_encoded(self.encode(pixels), options)
         if options.do_sample and options.seed is not None:
             # one image per generate call, each from the same seed: a seeded caption then depends on the
             # image alone, not on which batch it fell into (a resumed run batches differently)
@@ -126,9 +126,22 @@ class Captioner:
         check_fits(options, self.max_caption_tokens)
         return options
 
-    def _decode(self, pixels: torch.Tensor, options: CaptionOptions) -> list[CaptionResult]:
-        config = generation_config(options, self.model.generation_config)
-        per_image = self.engine.decode(self.engine.encode(pixels), config)
+    def uses_engine(self, options: CaptionOptions) -> bool:
+        """Whether these options go through imcap's engine (greedy and beam search do; sampling doesn't)."""
+        return self.engine is not None and not options.do_sample
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The engine's first half: (B, 3, H, W) -> the states the decoder reads (see caption_encoded)."""
+        return self.engine.encode(pixels.to(self.model.dtype))
+
+    @torch.inference_mode()
+    def caption_encoded(
+        self, hidden: torch.Tensor, options: CaptionOptions | None = None
+    ) -> list[CaptionResult]:
+        """The engine's second half: decode captions for states made by `encode` (the two can run in
+        different threads, as `imcap.batch.caption_batches` does)."""
+        options = self._checked(options)
+        per_image = self.engine.decode(hidden, generation_config(options, self.model.generation_config))
         flat: list[Decoded] = [decoded for candidates in per_image for decoded in candidates]
         scores = torch.tensor([d.score for d in flat])
         lengths = torch.tensor([max(len(d.tokens), 1) for d in flat])
