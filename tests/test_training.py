@@ -111,22 +111,25 @@ def test_mirror_caption_swaps_left_and_right():
 
 
 def test_scst_step_raises_the_better_sample_and_lowers_the_worse(tmp_path):
-    from imcap.training.steps import caption_log_probs
+    from imcap.training.steps import caption_logits, caption_mask
 
     from .conftest import build_tiny_model
 
     model, tokenizer = build_tiny_model(tmp_path / "m")
     model.eval()
-    tokens = torch.randn(1, 5, 32)
+    tokens = torch.randn(2, 5, 32)
     samples = torch.tensor([[1, 10, 11, 2], [1, 12, 13, 2]])
+    mask = caption_mask(samples, tokenizer.eos_token_id)
+
+    def logits():
+        return caption_logits(model, tokens, samples[:, :-1], mask[:, :-1])
 
     def sequence_log_probs():
-        logits, _ = caption_log_probs(model, tokens.repeat(2, 1, 1), samples, tokenizer.pad_token_id)
-        return logits.log_softmax(-1).gather(-1, samples[:, 1:, None]).sum((1, 2))
+        return logits().log_softmax(-1).gather(-1, samples[:, 1:, None]).sum((1, 2))
 
     before = sequence_log_probs().detach()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    loss = scst_loss(model, tokens, samples, torch.tensor([1.0, 0.0]), 2, tokenizer.pad_token_id)
+    loss = scst_loss(logits(), samples, mask, torch.tensor([1.0, 0.0]), 2).mean()
     loss.backward()
     optimizer.step()
     after = sequence_log_probs().detach()

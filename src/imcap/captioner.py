@@ -19,7 +19,7 @@ from transformers import VisionEncoderDecoderModel
 from imcap.engine import Decoded, Engine, EngineOptions
 from imcap.generation import CaptionOptions, check_fits, generation_config
 from imcap.images import DEFAULT_MAX_PIXELS, ImageInput, as_image
-from imcap.modeling import LoadedModel, load_model
+from imcap.modeling import LoadedModel, load_model, max_caption_tokens
 from imcap.tokenizer import format_caption
 
 _SINGLE = (str, Path, Image.Image, bytes, bytearray, np.ndarray)
@@ -83,8 +83,7 @@ class Captioner:
     @property
     def max_caption_tokens(self) -> int | None:
         """The longest caption (in tokens) the decoder's position embeddings allow, if it has a limit."""
-        positions = getattr(self.model.config.decoder, "max_position_embeddings", None)
-        return positions - 1 if positions else None  # one position holds the start token
+        return max_caption_tokens(self.model)
 
     def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(B, 3, H, W) model input for a batch of images, resized and normalised by the model's processor."""

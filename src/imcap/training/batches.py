@@ -23,7 +23,20 @@ def mirror_caption(caption: str) -> str:
 class CaptionBatch:
     image_index: torch.Tensor  # (B,) rows of the feature tensor, flipped rows offset by the image count
     input_ids: torch.Tensor  # (B * K, T) bos + caption + eos, padded; K captions per image
+    attention_mask: torch.Tensor  # (B * K, T) 1 up to and including eos (from lengths: pad may equal eos)
     captions_per_image: int
+
+    def shard(self, rank: int, world: int) -> CaptionBatch:
+        """This rank's share of a global batch in data-parallel training: images rank, rank + world, ..."""
+        if world == 1:
+            return self
+        images = list(range(rank, len(self.image_index), world))
+        rows = [i * self.captions_per_image + k for i in images for k in range(self.captions_per_image)]
+        mask = self.attention_mask[rows]
+        width = int(mask.sum(1).max())  # no padding column that only other ranks' captions need
+        return CaptionBatch(
+            self.image_index[images], self.input_ids[rows, :width], mask[:, :width], self.captions_per_image
+        )
 
 
 class CaptionTable:
@@ -59,7 +72,11 @@ class CaptionTable:
             rows += (self.mirrored if flipped[i] else self.plain)[i][: self.per_image]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
         index = torch.tensor([i + (len(self.plain) if flipped[i] else 0) for i in images])
-        return CaptionBatch(image_index=index, input_ids=ids, captions_per_image=self.per_image)
+        return CaptionBatch(
+            image_index=index, input_ids=ids, attention_mask=mask, captions_per_image=self.per_image
+        )

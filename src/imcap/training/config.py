@@ -18,8 +18,27 @@ class DataConfig:
     max_tokens: int = 32  # bos + caption + eos; longer captions are cut (Flickr8k p99 is ~27)
 
 
+MODEL_TYPES = ("encoder-decoder", "prefix", "lstm")  # see imcap.training.build
+
+
+@dataclass
+class PrefixConfig:
+    """`model.type: prefix` only (imcap.archs.prefix)."""
+
+    mapper_hidden: int = 1024  # the mapper's middle layer: Linear up to this, GELU, Dropout, Linear down
+
+
+@dataclass
+class LstmConfig:
+    """`model.type: lstm` only (imcap.archs.lstm). The LSTM is `hidden_size` wide; dropout is `dropout`."""
+
+    min_word_count: int = 10  # words seen fewer times in the training captions are unknown (<unk>)
+    embedding_size: int = 256
+
+
 @dataclass
 class ModelConfig:
+    type: str = "encoder-decoder"  # encoder-decoder | prefix | lstm
     variant: str = "efficientnet-lite2"
     image_size: int | None = None  # None: the variant's native size (260 px for lite2)
     tail_blocks: int = 1  # CNN blocks after the cached trunk, fine-tunable
@@ -28,8 +47,34 @@ class ModelConfig:
     decoder_layers: int = 3
     num_heads: int = 4
     dropout: float = 0.1
-    vocab_size: int = 4000
+    vocab_size: int = 4000  # BPE tokens (encoder-decoder, prefix); the LSTM's: lstm.min_word_count
     imagenet_weights: bool = True  # False only for tests that must not depend on the weight packages
+    # Pretrained parts: hub ids or local folders (a hub id needs network once, then its cache works offline).
+    # A pretrained encoder is frozen and its output cached; our EfficientNet-Lite is used when none is named.
+    pretrained: str | None = None  # encoder-decoder: a whole VisionEncoderDecoder checkpoint to fine-tune
+    pretrained_encoder: str | None = None  # encoder-decoder: a vision encoder (ViT, ...) instead of ours
+    pretrained_decoder: str | None = None  # encoder-decoder or prefix: GPT-2 weights (distilgpt2, gpt2, ...)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    lstm: LstmConfig = field(default_factory=LstmConfig)
+
+    def validate(self, where: str) -> None:
+        if self.type not in MODEL_TYPES:
+            raise ValueError(f"{where}: model.type {self.type!r} is not one of {', '.join(MODEL_TYPES)}")
+        allowed = {  # which pretrained parts each architecture can take
+            "encoder-decoder": {"pretrained", "pretrained_encoder", "pretrained_decoder"},
+            "prefix": {"pretrained_decoder"},
+            "lstm": set(),
+        }[self.type]
+        named = {k for k in ("pretrained", "pretrained_encoder", "pretrained_decoder") if getattr(self, k)}
+        if named - allowed:
+            raise ValueError(f"{where}: model.type {self.type} takes no {', '.join(sorted(named - allowed))}")
+        if self.pretrained and len(named) > 1:
+            raise ValueError(f"{where}: model.pretrained is a whole model; drop pretrained_encoder/decoder")
+
+    @property
+    def frozen_encoder(self) -> bool:
+        """A pretrained (hub) encoder: frozen as a whole, its output cached."""
+        return bool(self.pretrained or self.pretrained_encoder)
 
 
 @dataclass
@@ -67,6 +112,18 @@ class TrainConfig:
     cache_dir: str = "~/.cache/imcap/features"
     seed: int = 0
     threads: int | None = None  # None: torch's default (all cores)
+    # Stop training once this many minutes were spent in training steps (feature extraction, validation and
+    # checkpoints do not count); the learning rate then warms up and decays on the clock, over the budget,
+    # instead of over optim.warmup_steps and the epochs.
+    time_budget_minutes: float | None = None
+
+    def validate(self, where: str = "config") -> TrainConfig:
+        self.model.validate(where)
+        if self.model.frozen_encoder and self.optim.finetune_tail_from_epoch is not None:
+            raise ValueError(f"{where}: a pretrained encoder is frozen; unset optim.finetune_tail_from_epoch")
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            raise ValueError(f"{where}: time_budget_minutes must be > 0, got {self.time_budget_minutes}")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -74,7 +131,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> TrainConfig:
-        return _build(cls, raw, where)
+        return _build(cls, raw, where).validate(where)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,8 +1,11 @@
 """`imcap train`: cross-entropy epochs, then optional self-critical (CIDEr-D) epochs, on cached features.
 
-prepare(): records -> tokenizer -> model -> trunk features (cached on disk)
-for each epoch: train over all images x all their captions, validate (greedy, COCO metrics),
-                write metrics.jsonl + learning_curve.png, checkpoint, keep the best on val CIDEr
+prepare(): records -> tokenizer + model of any `model.type` (imcap.training.build) -> cached features
+for each epoch: train over all images x all their captions, validate (greedy, COCO metrics), write
+                metrics.jsonl, steps.jsonl and learning_curve.png, checkpoint, keep the best on val CIDEr
+
+Under torchrun every process runs this same loop on its share of each batch (imcap.training.distributed);
+rank 0 validates and writes. With `time_budget_minutes` training stops when the budget is spent.
 """
 
 from __future__ import annotations
@@ -16,26 +19,66 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
-from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoTokenizer, PreTrainedModel, get_cosine_schedule_with_warmup
 
 from imcap.data import load_records
-from imcap.encoder import EfficientNetLiteEncoderConfig
-from imcap.features import cached_trunk_features
-from imcap.modeling import DecoderSpec, image_processor_for, new_model, save_model
-from imcap.tokenizer import format_caption, train_tokenizer
+from imcap.modeling import save_model
+from imcap.tokenizer import format_caption
+from imcap.training import distributed
 from imcap.training.batches import CaptionTable
+from imcap.training.build import Built, build
 from imcap.training.config import TrainConfig
+from imcap.training.distributed import Process
+from imcap.training.fronts import FrozenFront, LiteFront
 from imcap.training.plots import plot_learning_curve
 from imcap.training.steps import (
-    cross_entropy_loss,
+    TeacherForcing,
+    caption_mask,
     generate_from_tokens,
     sample_mask_after_eos,
     scst_loss,
-    visual_tokens,
+    token_cross_entropy,
 )
 
 CHECKPOINT = "checkpoint.pt"
+BUDGET_WARMUP = 0.05  # on a time budget the learning rate warms up over this share of it
+
+
+class Clock:
+    """Seconds spent in training steps over the whole run, resumes included: what a time budget counts.
+
+    Feature extraction, validation and checkpoints are not counted. In data-parallel training every rank
+    reads the largest clock, so all of them stop at the same step and use the same learning rate.
+    """
+
+    def __init__(self, budget_minutes: float | None, spent: float = 0.0):
+        self.budget = budget_minutes * 60 if budget_minutes else None
+        self.spent = spent
+        self._since: float | None = None
+
+    def start(self) -> None:
+        self._since = time.time()
+
+    def read(self, process: Process) -> float:
+        now = time.time()
+        self.spent += now - self._since
+        self._since = now
+        if self.budget is not None:
+            self.spent = distributed.all_max(self.spent, process)
+        return self.spent
+
+    def stop(self, process: Process) -> None:
+        self.read(process)
+        self._since = None
+
+    @property
+    def used_up(self) -> bool:
+        return self.budget is not None and self.spent >= self.budget
+
+    def progress(self) -> float:
+        return min(1.0, self.spent / self.budget) if self.budget else 0.0
 
 
 @dataclass
@@ -44,16 +87,19 @@ class Run:
 
     config: TrainConfig
     out: Path
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: object
     image_processor: object
+    front: LiteFront | FrozenFront
     table: CaptionTable
-    train_trunk: torch.Tensor  # (2N, C, G, G): N images, then their mirror images
-    val_trunk: torch.Tensor
+    train_features: torch.Tensor  # (2N, ...): N images, then their mirror images (flip augmentation)
+    val_features: torch.Tensor
     val_ids: list[str]
     val_refs: dict[str, list[str]]
     train_refs: dict[str, list[str]]
-    train_maps: torch.Tensor | None = None  # tail output of train_trunk while the tail is frozen
+    process: Process
+    clock: Clock
+    train_maps: torch.Tensor | None = None  # front.precompute(train_features) while the tail is frozen
     cider: object | None = None  # the SCST reward (imcap.metrics.CiderD), built on first use
 
 
@@ -61,151 +107,183 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     """Train as the config says; returns the folder of the best model (on val CIDEr)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    run = prepare(config, resume)
-    state = _load_checkpoint(run) if resume else {"stage": "xe", "epoch": 0, "best": -1.0}
-    total_xe, total_scst = config.optim.epochs, config.scst.epochs
-    while state["stage"] == "xe" and state["epoch"] < total_xe:
-        state = _train_epoch(run, state, xe=True)
-    if state["stage"] == "xe":
-        state = {**state, "stage": "scst", "epoch": 0, "optimizer": None, "scheduler": None}
-    while state["stage"] == "scst" and state["epoch"] < total_scst:
-        state = _train_epoch(run, state, xe=False)
+    process = distributed.start()
+    try:
+        run = prepare(config, resume, process)
+        fresh = {"stage": "xe", "epoch": 0, "best": -1.0, "steps": 0, "train_seconds": 0.0}
+        state = _load_checkpoint(run) if resume else fresh
+        total_xe, total_scst = config.optim.epochs, config.scst.epochs
+        while state["stage"] == "xe" and state["epoch"] < total_xe and not run.clock.used_up:
+            state = _train_epoch(run, state, xe=True)
+        if state["stage"] == "xe":
+            state = {**state, "stage": "scst", "epoch": 0, "optimizer": None, "scheduler": None}
+        while state["stage"] == "scst" and state["epoch"] < total_scst and not run.clock.used_up:
+            state = _train_epoch(run, state, xe=False)
+    finally:
+        distributed.stop(process)
     return run.out / "best"
 
 
-def prepare(config: TrainConfig, resume: bool) -> Run:
-    """Read data, build tokenizer and model, load or compute the cached trunk features."""
+def prepare(config: TrainConfig, resume: bool, process: Process | None = None) -> Run:
+    """Read data, build tokenizer and model, load or compute the cached image features."""
+    process = process or Process()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _seed_everything(config.seed)
     data = config.data
     train_records = load_records(data.path, data.train_split)[: data.train_limit]
     val_records = load_records(data.path, data.val_split)[: data.val_limit]
+    captions = [c for r in train_records for c in r.captions]
     tokenizer_dir = out / "tokenizer"
-    if resume and tokenizer_dir.exists():
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        all_captions = [c for r in train_records for c in r.captions]
-        tokenizer = train_tokenizer(all_captions, vocab_size=config.model.vocab_size)
-        tokenizer.save_pretrained(tokenizer_dir)
-    model = _new_model(config, tokenizer)
-    processor = image_processor_for(model.encoder.config)
-    cache = Path(config.cache_dir).expanduser()
-    train_paths = [r.image.resolve() for r in train_records]
-    val_paths = [r.image.resolve() for r in val_records]
-    trunk = [cached_trunk_features(model.encoder, processor, train_paths, cache, desc="train features")]
-    if config.optim.flip:
-        trunk.append(
-            cached_trunk_features(model.encoder, processor, train_paths, cache, flip=True, desc="mirrored")
-        )
-    val_trunk = cached_trunk_features(model.encoder, processor, val_paths, cache, desc="val features")
+    reuse = resume or not process.main  # other ranks read the tokenizer rank 0 trained
+
+    def model_and_tokenizer() -> Built:
+        saved = AutoTokenizer.from_pretrained(tokenizer_dir) if reuse and tokenizer_dir.exists() else None
+        built = build(config, captions, saved)
+        if saved is None:
+            built.tokenizer.save_pretrained(tokenizer_dir)
+        return built
+
+    built = distributed.main_first(process, model_and_tokenizer)
+
+    def image_features() -> tuple[torch.Tensor, torch.Tensor]:
+        cache = Path(config.cache_dir).expanduser()
+        train_paths = [r.image.resolve() for r in train_records]
+        val_paths = [r.image.resolve() for r in val_records]
+        train = [
+            built.front.cache(built.image_processor, train_paths, cache, flip=False, desc="train features")
+        ]
+        if config.optim.flip:
+            train.append(
+                built.front.cache(built.image_processor, train_paths, cache, flip=True, desc="mirrored")
+            )
+        val = built.front.cache(built.image_processor, val_paths, cache, flip=False, desc="val features")
+        return torch.cat(train), val
+
+    train_features, val_features = distributed.main_first(process, image_features)  # rank 0 fills the cache
     return Run(
         config=config,
         out=out,
-        model=model,
-        tokenizer=tokenizer,
-        image_processor=processor,
-        table=CaptionTable(tokenizer, [r.captions for r in train_records], data.max_tokens),
-        train_trunk=torch.cat(trunk),
-        val_trunk=val_trunk,
+        model=built.model.to(process.device),
+        tokenizer=built.tokenizer,
+        image_processor=built.image_processor,
+        front=built.front,
+        table=CaptionTable(built.tokenizer, [r.captions for r in train_records], data.max_tokens),
+        train_features=train_features,
+        val_features=val_features,
         val_ids=[r.image.name for r in val_records],
         val_refs={r.image.name: list(r.captions) for r in val_records},
         train_refs={r.image.name: list(r.captions) for r in train_records},
+        process=process,
+        clock=Clock(config.time_budget_minutes),
     )
-
-
-def _new_model(config: TrainConfig, tokenizer):
-    m = config.model
-    encoder = EfficientNetLiteEncoderConfig(
-        variant=m.variant,
-        image_size=m.image_size,
-        hidden_size=m.hidden_size,
-        num_layers=m.encoder_layers,
-        num_heads=m.num_heads,
-        dropout=m.dropout,
-        tail_blocks=m.tail_blocks,
-    )
-    decoder = DecoderSpec(
-        num_layers=m.decoder_layers,
-        hidden_size=m.hidden_size,
-        num_heads=m.num_heads,
-        max_positions=max(64, config.data.max_tokens),
-        dropout=m.dropout,
-    )
-    return new_model(encoder, decoder, tokenizer, imagenet_weights=m.imagenet_weights)
 
 
 def _train_epoch(run: Run, state: dict, xe: bool) -> dict:
-    """One epoch of either stage, then validation, logging and a checkpoint."""
-    config, model = run.config, run.model
+    """One epoch of either stage, then (rank 0) validation, logging and a checkpoint."""
+    config, model, process = run.config, run.model, run.process
     epoch = state["epoch"] + 1
     tail_trains = xe and _tail_trains(config, epoch)
-    _set_tail_trainable(model, tail_trains)
+    run.front.set_tail_trainable(tail_trains)
     optimizer, scheduler = _optimizers(run, state, xe)
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch + (0 if xe else 500))
-    torch.manual_seed(config.seed * 1000 + epoch)  # dropout and sampling: same seed, same run
+    # dropout and sampling: same seed, same run (each rank its own stream)
+    torch.manual_seed(config.seed * 1000 + epoch + 7919 * process.rank)
     if not tail_trains and run.train_maps is None:
-        run.train_maps = _tail_maps(model, run.train_trunk)
+        run.train_maps = run.front.precompute(run.train_features, process.device)
+    step_module = distributed.wrap(TeacherForcing(model, run.front), process)
     started = time.time()
+    run.clock.start()
     if xe:
-        train_loss = _xe_epoch(run, optimizer, scheduler, generator, tail_trains, epoch)
+        steps = _xe_epoch(
+            run, step_module, optimizer, scheduler, generator, tail_trains, epoch, state["steps"]
+        )
     else:
-        train_loss = _scst_epoch(run, optimizer, generator, epoch)
+        steps = _scst_epoch(run, step_module, optimizer, generator, epoch, state["steps"])
+    run.clock.stop(process)
+    del step_module  # its DDP reducer and gradient hooks go with it
     if tail_trains:
         run.train_maps = None  # the tail changed: recompute its output when next needed
-    metrics = {"stage": "xe" if xe else "scst", "epoch": epoch, "train_loss": train_loss}
-    metrics.update(validate(run))
-    metrics["epoch_seconds"] = round(time.time() - started, 1)
-    state = {**state, "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": _state(scheduler)}
-    _log_metrics(run, metrics)
-    if metrics["CIDEr"] > state["best"]:
-        state["best"] = metrics["CIDEr"]
-        save_model(model, run.tokenizer, run.image_processor, run.out / "best")
-    _save_checkpoint(run, state)
+    state = {
+        **state,
+        "epoch": epoch,
+        "steps": state["steps"] + len(steps),
+        "train_seconds": run.clock.spent,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": _state(scheduler),
+    }
+    if process.main:
+        metrics = {"stage": "xe" if xe else "scst", "epoch": epoch, "train_loss": _mean_loss(steps)}
+        metrics.update(validate(run))
+        metrics["epoch_seconds"] = round(time.time() - started, 1)
+        metrics["train_seconds"] = round(run.clock.spent, 1)
+        _log_metrics(run, metrics, steps)
+        if metrics["CIDEr"] > state["best"]:
+            state["best"] = metrics["CIDEr"]
+            save_model(model, run.tokenizer, run.image_processor, run.out / "best")
+        _save_checkpoint(run, state)
+    distributed.barrier(process)  # the others wait for validation and the checkpoint
     return state
 
 
-def _xe_epoch(run: Run, optimizer, scheduler, generator, tail_trains: bool, epoch: int) -> float:
-    config, model, pad = run.config, run.model, run.tokenizer.pad_token_id
+def _xe_epoch(
+    run: Run, step_module, optimizer, scheduler, generator, tail_trains: bool, epoch: int, step: int
+):
+    """Cross-entropy over every image once with all its captions; returns one log row per step."""
+    config, model, process, device = run.config, run.model, run.process, run.process.device
     model.train()
-    model.encoder.cnn.eval()  # BatchNorm statistics stay ImageNet's: batches here are small
-    features = run.train_trunk if tail_trains else run.train_maps
-    losses, tokens_seen, started = [], 0, time.time()
+    run.front.keep_statistics()
+    features = run.train_features if tail_trains else run.train_maps
+    rows, tokens_seen, started = [], 0, time.time()
     batches = run.table.batches(config.optim.batch_images, generator, flip=config.optim.flip)
-    bar = tqdm(batches, total=math.ceil(len(run.table) / config.optim.batch_images), desc=f"xe {epoch}")
+    total = math.ceil(len(run.table) / config.optim.batch_images)
+    bar = tqdm(batches, total=total, desc=f"xe {epoch}", disable=not process.main)
     for batch in bar:
-        tokens = visual_tokens(model, features[batch.image_index], from_trunk=tail_trains)
-        loss, n_tokens = cross_entropy_loss(
-            model, tokens, batch.input_ids, batch.captions_per_image, pad, config.optim.label_smoothing
+        if len(batch.image_index) < process.world:
+            continue  # every rank needs an image; all ranks skip the same (last, short) batch
+        part = batch.shard(process.rank, process.world)
+        ids, mask = part.input_ids.to(device), part.attention_mask.to(device)
+        logits = step_module(
+            features[part.image_index].to(device), ids, mask, part.captions_per_image, tail_trains
         )
+        loss_sum, n_tokens = token_cross_entropy(logits, ids, mask, config.optim.label_smoothing)
+        loss = distributed.global_mean(loss_sum, n_tokens, process)
         _step(model, optimizer, scheduler, loss, config.optim.grad_clip)
-        losses.append(loss.item())
-        tokens_seen += n_tokens
+        step += 1
+        run.clock.read(process)
+        rows.append(_step_row(run, "xe", epoch, step, loss, optimizer, images=len(batch.image_index)))
+        tokens_seen += n_tokens * process.world
         bar.set_postfix(
-            loss=f"{np.mean(losses[-50:]):.3f}", tok_s=f"{tokens_seen / (time.time() - started):.0f}"
+            loss=f"{_mean_loss(rows[-50:]):.3f}", tok_s=f"{tokens_seen / (time.time() - started):.0f}"
         )
-    return float(np.mean(losses))
+        if run.clock.used_up:
+            break
+    return rows
 
 
-def _scst_epoch(run: Run, optimizer, generator, epoch: int) -> float:
+def _scst_epoch(run: Run, step_module, optimizer, generator, epoch: int, step: int):
+    """Self-critical epoch: sample captions, reward them with CIDEr-D, raise the better ones."""
     from imcap.metrics import CiderD  # training-only dependency
 
-    config, model, tok = run.config.scst, run.model, run.tokenizer
+    config, model, tok, process = run.config.scst, run.model, run.tokenizer, run.process
     if run.cider is None:  # corpus document frequencies: computed once, shared by every SCST epoch
         run.cider = CiderD(run.train_refs)
-    scorer = run.cider
     names = list(run.train_refs)
     model.eval()  # no dropout: the sampled policy and the trained policy must be the same
-    losses, rewards_seen, started = [], [], time.time()
-    n_images = len(names)
-    order = torch.randperm(n_images, generator=generator).tolist()
-    bar = tqdm(range(0, n_images, config.batch_images), desc=f"scst {epoch}")
+    rows, rewards_seen, started = [], [], time.time()
+    order = torch.randperm(len(names), generator=generator).tolist()
+    bar = tqdm(range(0, len(names), config.batch_images), desc=f"scst {epoch}", disable=not process.main)
     for start in bar:
-        index = torch.tensor(order[start : start + config.batch_images])
-        tokens = visual_tokens(model, run.train_maps[index], from_trunk=False)
+        batch = order[start : start + config.batch_images]
+        if len(batch) < process.world:
+            continue
+        index = torch.tensor(batch[process.rank :: process.world])
+        features = run.train_maps[index].to(process.device)
+        with torch.no_grad():
+            tokens = run.front.tokens(features, from_trunk=False)
         samples = generate_from_tokens(
             model,
-            tokens.detach(),
+            tokens,
             do_sample=True,
             top_k=0,
             num_beams=1,
@@ -215,27 +293,57 @@ def _scst_epoch(run: Run, optimizer, generator, epoch: int) -> float:
         samples = sample_mask_after_eos(samples, tok.eos_token_id, tok.pad_token_id)
         texts = [format_caption(t) for t in tok.batch_decode(samples, skip_special_tokens=True)]
         ids = [names[i] for i in index.tolist() for _ in range(config.samples)]
-        rewards = torch.tensor(scorer.scores(texts, ids), dtype=torch.float32)
-        loss = scst_loss(model, tokens, samples, rewards, config.samples, tok.pad_token_id)
+        rewards = torch.tensor(run.cider.scores(texts, ids), dtype=torch.float32, device=process.device)
+        mask = caption_mask(samples, tok.eos_token_id)
+        logits = step_module(features, samples, mask, config.samples, False)
+        per_sample = scst_loss(logits, samples, mask, rewards, config.samples)
+        loss = distributed.global_mean(per_sample.sum(), per_sample.numel(), process)
         _step(model, optimizer, None, loss, run.config.optim.grad_clip)
-        losses.append(loss.item())
+        step += 1
+        run.clock.read(process)
+        rows.append(_step_row(run, "scst", epoch, step, loss, optimizer, images=len(batch)))
         rewards_seen.append(rewards.mean().item())
-        rate = (start + len(index)) / (time.time() - started)
+        rate = (start + len(batch)) / (time.time() - started)
         bar.set_postfix(reward=f"{np.mean(rewards_seen[-50:]):.3f}", img_s=f"{rate:.1f}")
-    return float(np.mean(losses))
+        if run.clock.used_up:
+            break
+    return rows
+
+
+def _step_row(
+    run: Run, stage: str, epoch: int, step: int, loss: torch.Tensor, optimizer, images: int
+) -> dict:
+    """One line of steps.jsonl: the global batch's mean loss (the same number one process would log),
+    the learning rate, the global batch's images and the training clock."""
+    mean = float(distributed.all_sum(loss.detach(), run.process)) / run.process.world
+    lr = optimizer.param_groups[0]["lr"]
+    seconds = round(run.clock.spent, 2)
+    return {
+        "stage": stage,
+        "epoch": epoch,
+        "step": step,
+        "loss": mean,
+        "lr": lr,
+        "images": images,
+        "seconds": seconds,
+    }
+
+
+def _mean_loss(rows: list[dict]) -> float:
+    return float(np.mean([r["loss"] for r in rows])) if rows else float("nan")
 
 
 def validate(run: Run, batch_images: int = 64) -> dict:
     """Greedy captions of the val images, scored with pycocoevalcap (METEOR left to `imcap eval`)."""
     from imcap.metrics import corpus_stats, score_captions
 
-    model, tok = run.model, run.tokenizer
+    model, tok, device = run.model, run.tokenizer, run.process.device
     model.eval()
     predictions = {}
     with torch.no_grad():
-        val_maps = _tail_maps(model, run.val_trunk)
+        val_maps = run.front.precompute(run.val_features, device)
         for start in range(0, len(run.val_ids), batch_images):
-            tokens = visual_tokens(model, val_maps[start : start + batch_images], from_trunk=False)
+            tokens = run.front.tokens(val_maps[start : start + batch_images].to(device), from_trunk=False)
             out = generate_from_tokens(model, tokens, num_beams=1, do_sample=False, max_new_tokens=24)
             for name, text in zip(
                 run.val_ids[start : start + batch_images],
@@ -247,55 +355,51 @@ def validate(run: Run, batch_images: int = 64) -> dict:
     return {**{f"val_{k}": v for k, v in corpus_stats(predictions).items()}, **scores}
 
 
-@torch.no_grad()
-def _tail_maps(model, trunk: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    model.encoder.cnn.eval()
-    return torch.cat(
-        [model.encoder.tail(trunk[i : i + batch].float()).half() for i in range(0, len(trunk), batch)]
-    )
-
-
 def _tail_trains(config: TrainConfig, epoch: int) -> bool:
     start = config.optim.finetune_tail_from_epoch
     return start is not None and epoch >= start
 
 
-def _set_tail_trainable(model, trainable: bool) -> None:
-    for p in model.encoder.cnn.parameters():
-        p.requires_grad_(False)
-    for block in model.encoder._blocks_split()[1]:
-        for p in block.parameters():
-            p.requires_grad_(trainable)
-    for module in (model.encoder.cnn._conv_head, model.encoder.cnn._bn1):
-        for p in module.parameters():
-            p.requires_grad_(trainable)
-
-
 def _optimizers(run: Run, state: dict, xe: bool):
     config, model = run.config, run.model
     lr = config.optim.lr if xe else config.scst.lr
-    cnn = {id(p) for p in model.encoder.cnn.parameters()}
-    params = [p for p in model.parameters() if id(p) not in cnn]
-    tail = [p for p in model.encoder.cnn.parameters()]
+    cnn = run.front.cnn_parameters()
+    cnn_ids = {id(p) for p in cnn}
+    params = [p for p in model.parameters() if id(p) not in cnn_ids]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.optim.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases, norms
-        {"params": tail, "weight_decay": config.optim.weight_decay, "lr": lr * config.optim.tail_lr_scale},
+        {"params": cnn, "weight_decay": config.optim.weight_decay, "lr": lr * config.optim.tail_lr_scale},
     ]
     for group in groups:
         group.setdefault("lr", lr)
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    scheduler = None
-    if xe:
-        per_epoch = math.ceil(len(run.table) / config.optim.batch_images)
-        scheduler = get_cosine_schedule_with_warmup(
-            optimizer, config.optim.warmup_steps, per_epoch * config.optim.epochs
-        )
+    scheduler = _schedule(run, optimizer) if xe else None
     if state.get("optimizer"):
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
     return optimizer, scheduler
+
+
+def _schedule(run: Run, optimizer):
+    """Linear warmup, then cosine decay: over the epochs' steps (`optim.warmup_steps`, `optim.epochs`), or
+    on the clock when a time budget is set: warmup over its first BUDGET_WARMUP, decay over the rest. So in
+    a same-budget comparison every architecture runs its whole schedule, however fast its steps are."""
+    config, clock = run.config, run.clock
+    if clock.budget is None:
+        per_epoch = math.ceil(len(run.table) / config.optim.batch_images)
+        return get_cosine_schedule_with_warmup(
+            optimizer, config.optim.warmup_steps, per_epoch * config.optim.epochs
+        )
+
+    def factor(step: int) -> float:
+        progress = clock.progress()
+        if progress < BUDGET_WARMUP:
+            return progress / BUDGET_WARMUP
+        return 0.5 * (1.0 + math.cos(math.pi * (progress - BUDGET_WARMUP) / (1.0 - BUDGET_WARMUP)))
+
+    return LambdaLR(optimizer, factor)
 
 
 def _step(model, optimizer, scheduler, loss: torch.Tensor, grad_clip: float) -> None:
@@ -311,12 +415,14 @@ def _state(scheduler):
     return scheduler.state_dict() if scheduler is not None else None
 
 
-def _log_metrics(run: Run, metrics: dict) -> None:
+def _log_metrics(run: Run, metrics: dict, steps: list[dict]) -> None:
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    with open(run.out / "steps.jsonl", "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in steps)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
     tqdm.write(json.dumps(shown))
-    plot_learning_curve(run.out / "metrics.jsonl", run.out / "learning_curve.png")
+    plot_learning_curve(run.out / "metrics.jsonl", run.out / "learning_curve.png", run.out / "steps.jsonl")
 
 
 def _save_checkpoint(run: Run, state: dict) -> None:
@@ -333,11 +439,16 @@ def _load_checkpoint(run: Run) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     run.model.load_state_dict(payload.pop("model"))
     payload.pop("config", None)
-    _truncate_metrics(run.out / "metrics.jsonl", payload["stage"], payload["epoch"])
+    payload.setdefault("steps", 0)  # checkpoints written before step logs and time budgets
+    payload.setdefault("train_seconds", 0.0)
+    run.clock.spent = payload["train_seconds"]
+    if run.process.main:
+        for log in ("metrics.jsonl", "steps.jsonl"):
+            _truncate_log(run.out / log, payload["stage"], payload["epoch"])
     return payload
 
 
-def _truncate_metrics(path: Path, stage: str, epoch: int) -> None:
+def _truncate_log(path: Path, stage: str, epoch: int) -> None:
     """Drop log lines of epochs after the checkpoint (they will be run again)."""
     if not path.exists():
         return
