@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install imcap into ./.venv with Python 3.11.
 #   scripts/install.sh         the package (enough to caption images)
-#   scripts/install.sh --dev   plus training, metrics and test tools, and Java (METEOR and the PTB tokenizer)
+#   scripts/install.sh --serve plus the web UI and REST API (`imcap serve`)
+#   scripts/install.sh --dev   plus training, metrics, serving and test tools, Java (METEOR and the PTB
+#                              tokenizer) and Chromium (the browser test of the web UI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +17,13 @@ if [ "${1:-}" = "--dev" ]; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -qq && $sudo apt-get install -y -qq default-jre-headless >/dev/null
   fi
+  if [ ! -x /usr/bin/chromium ]; then  # Debian's build: Playwright's own browser download needs internet
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
   .venv/bin/python -m pip install -q -e '.[dev]'
+elif [ "${1:-}" = "--serve" ]; then
+  .venv/bin/python -m pip install -q -e '.[serve]'
 else
   .venv/bin/python -m pip install -q -e .
 fi

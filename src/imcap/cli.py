@@ -26,6 +26,37 @@ ModelOption = Annotated[
 BeamsOption = Annotated[int, typer.Option("--beams", help="Beam width (1 = greedy).")]
 
 
+def _speed(flag: str, help: str):
+    return typer.Option(flag, help=help, rich_help_panel="Speed")
+
+
+ThreadsOption = Annotated[int | None, _speed("--threads", "CPU threads for the model (default: all cores).")]
+OnnxOption = Annotated[
+    bool, _speed("--onnx-encoder", "Run the encoder with ONNX Runtime: faster, numbers change slightly.")
+]
+Int8Option = Annotated[
+    bool, _speed("--int8-decoder", "Quantise the decoder's linear layers to int8: numbers change slightly.")
+]
+PlainOption = Annotated[
+    bool, _speed("--plain-generate", "Decode with plain transformers generate instead of imcap's engine.")
+]
+
+
+def _speed_settings(threads: int | None, onnx_encoder: bool, int8_decoder: bool, plain: bool):
+    """(EngineOptions, use_engine) for the Captioner; sets torch's thread count."""
+    import torch
+
+    from imcap.engine import EngineOptions
+
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if plain and (onnx_encoder or int8_decoder):
+        _fail("--plain-generate runs the model as it is; drop --onnx-encoder/--int8-decoder")
+    return EngineOptions(onnx_encoder=onnx_encoder, int8_decoder=int8_decoder), not plain
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
@@ -52,7 +83,7 @@ def caption(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
     model: ModelOption = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look into sub-folders too.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 16,
     allow_failures: Annotated[
         bool, typer.Option("--allow-failures", help="Exit 0 even when some images could not be read.")
     ] = False,
@@ -101,12 +132,17 @@ def caption(
         int, _decoding("--num-captions", "Captions per image (beams or samples).")
     ] = _DEFAULT.num_return_sequences,
     seed: Annotated[int | None, _decoding("--seed", "Makes sampling reproducible.")] = None,
+    threads: ThreadsOption = None,
+    onnx_encoder: OnnxOption = False,
+    int8_decoder: Int8Option = False,
+    plain_generate: PlainOption = False,
 ) -> None:
     """Caption images: `path<TAB>caption` lines on stdout, or rows in a JSONL/CSV file, or sidecar files.
 
     Rerunning the same command continues where an interrupted run stopped.
     """
     _quiet_libraries()
+    from imcap.accel import AccelError
     from imcap.captioner import Captioner
     from imcap.generation import OptionsError, check_fits
     from imcap.modeling import ModelLoadError
@@ -127,6 +163,7 @@ def caption(
     )
     sidecar_extension = sidecar_ext if sidecar else None
     _check_numbers(batch_size, max_pixels)
+    engine, use_engine = _speed_settings(threads, onnx_encoder, int8_decoder, plain_generate)
     try:  # everything that can be checked without the model first
         options.validate()
         files = find_images(paths, recursive)
@@ -135,7 +172,7 @@ def caption(
                 f"no images found (folders are searched for {', '.join(sorted(IMAGE_SUFFIXES))})"
             )
         check_outputs(files, output, sidecar_extension)
-        captioner = Captioner.from_pretrained(model, max_pixels=max_pixels or None)
+        captioner = Captioner.from_pretrained(model, max_pixels or None, engine, use_engine)
         check_fits(options, captioner.max_caption_tokens)
         settings = {**options.to_dict(), "prefix": prefix, "suffix": suffix}
         writer = get_writer(
@@ -143,7 +180,7 @@ def caption(
         )
     except OptionsError as error:
         _fail(_as_flags(str(error)))
-    except (OutputError, FileNotFoundError, ModelLoadError) as error:
+    except (OutputError, FileNotFoundError, ModelLoadError, AccelError) as error:
         _fail(str(error))
     try:
         with writer:
@@ -196,10 +233,15 @@ def eval_command(
         Path | None, typer.Option("--json", help="Write the numbers to this JSON file.")
     ] = None,
     predictions: Annotated[Path | None, typer.Option("--predictions", help="Write captions (JSON).")] = None,
+    threads: ThreadsOption = None,
+    onnx_encoder: OnnxOption = False,
+    int8_decoder: Int8Option = False,
+    plain_generate: PlainOption = False,
 ) -> None:
     """Caption a split and print BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (pycocoevalcap; SPICE needs a
     download of Stanford CoreNLP models and is not computed)."""
     _quiet_libraries()
+    from imcap.accel import AccelError
     from imcap.captioner import Captioner
     from imcap.data import DataError
     from imcap.evaluate import evaluate
@@ -210,9 +252,10 @@ def eval_command(
 
     try:
         options = CaptionOptions(num_beams=beams, max_new_tokens=max_length).validate()
-        captioner = Captioner.from_pretrained(model)
+        engine, use_engine = _speed_settings(threads, onnx_encoder, int8_decoder, plain_generate)
+        captioner = Captioner.from_pretrained(model, engine=engine, use_engine=use_engine)
         report = evaluate(captioner, data, split, options, limit=limit, batch_size=batch_size)
-    except (OptionsError, DataError, ModelLoadError, MetricsError, ImageLoadError) as error:
+    except (OptionsError, DataError, ModelLoadError, MetricsError, ImageLoadError, AccelError) as error:
         _fail(str(error))
     for name, value in report.metrics.items():
         typer.echo(f"{name:8s} {value:.4f}")
@@ -245,10 +288,69 @@ def train(
         best = run_training(recipe, resume=resume)
     except (DataError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # data-parallel (torchrun): rank 0 reports and exports
     typer.echo(f"best model (on val CIDEr): {best}")
     if export:
         export_fp16(best, export)
         typer.echo(f"exported fp16 model: {export}")
+
+
+def _serve_option(flag: str, help: str):
+    return typer.Option(flag, help=help, rich_help_panel="Limits")
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Model folder or hub id; repeat for several (default: shipped)."),
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    max_upload_mb: Annotated[float, _serve_option("--max-upload-mb", "Largest file accepted.")] = 20.0,
+    max_pixels: Annotated[
+        int, _serve_option("--max-pixels", "Refuse larger images (decompression-bomb guard).")
+    ] = DEFAULT_MAX_PIXELS,
+    max_images: Annotated[int, _serve_option("--max-images", "Images per request.")] = 16,
+    timeout: Annotated[float, _serve_option("--timeout", "Seconds a request may wait, then 503.")] = 60.0,
+    queue_size: Annotated[
+        int, _serve_option("--queue-size", "Images waiting for the model; more get 503 + Retry-After.")
+    ] = 64,
+    max_batch: Annotated[int, _serve_option("--max-batch", "Images per model call.")] = 8,
+    max_wait_ms: Annotated[
+        float, _serve_option("--max-wait-ms", "How long to wait for more images to fill a batch.")
+    ] = 10.0,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Torch CPU threads (default: all cores).")
+    ] = None,
+    no_ui: Annotated[bool, typer.Option("--no-ui", help="REST API only, no web page at /.")] = False,
+) -> None:
+    """Serve a web page at / and a REST API at /v1 (docs at /docs). Set IMCAP_API_KEY to require a key."""
+    _quiet_libraries()
+    from imcap.modeling import ModelLoadError
+    from imcap.serving.server import serve as run_server
+    from imcap.serving.settings import ServeSettings
+
+    try:
+        settings = ServeSettings(
+            host=host,
+            port=port,
+            max_upload_mb=max_upload_mb,
+            max_pixels=max_pixels or None,
+            max_images_per_request=max_images,
+            request_timeout_s=timeout,
+            queue_size=queue_size,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            **({"threads": threads} if threads is not None else {}),
+            ui=not no_ui,
+        ).validate()
+        run_server(model or [None], settings)
+    except ModuleNotFoundError as error:  # fastapi, uvicorn, gradio... come with the serve extra
+        _fail(f"imcap serve needs {error.name}: pip install 'imcap[serve]' (or scripts/install.sh --serve)")
+    except (ValueError, ModelLoadError) as error:
+        _fail(str(error))
 
 
 def main() -> None:

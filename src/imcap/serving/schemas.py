@@ -1,0 +1,81 @@
+"""The JSON the REST API answers with, as pydantic models (they also document it in /docs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from imcap.generation import CaptionOptions
+from imcap.serving.uploads import IMAGES_FIELD, MODEL_FIELD, OPTION_TYPES, OPTIONS_FIELD
+
+
+class CandidateOut(BaseModel):
+    text: str
+    score: float = Field(description="log-probability of the caption's tokens (higher is likelier)")
+
+
+class ImageTiming(BaseModel):
+    queue_ms: float = Field(description="waiting for the model")
+    model_ms: float = Field(description="the model call this image shared with others")
+    batch_images: int = Field(description="images captioned in that call")
+
+
+class ImageOut(BaseModel):
+    filename: str
+    width: int
+    height: int
+    caption: str = Field(description="the best candidate's text")
+    candidates: list[CandidateOut] = Field(description="best first; num_return_sequences of them")
+    timing: ImageTiming
+
+
+class RequestTiming(BaseModel):
+    decode_ms: float
+    total_ms: float
+
+
+class CaptionsOut(BaseModel):
+    model: str
+    settings: dict = Field(description="the CaptionOptions used, every field")
+    images: list[ImageOut] = Field(description="one per uploaded image, in upload order")
+    timing: RequestTiming
+
+
+class ModelOut(BaseModel):
+    id: str
+    default: bool
+    max_caption_tokens: int | None
+
+
+class ModelsOut(BaseModel):
+    models: list[ModelOut]
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="one line saying what was wrong")
+
+
+_JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "int | None": "integer"}
+
+
+def caption_form_schema() -> dict:
+    """OpenAPI description of the multipart body of POST /v1/captions (parsed by hand, see uploads.py)."""
+    defaults = CaptionOptions()
+    options = {
+        name: {"type": _JSON_TYPES[kind], "default": getattr(defaults, name)}
+        for name, kind in OPTION_TYPES.items()
+    }
+    properties = {
+        IMAGES_FIELD: {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "one or more image files (JPEG, PNG, WebP, BMP, TIFF, GIF)",
+        },
+        MODEL_FIELD: {"type": "string", "description": "a model id from GET /v1/models (default: the first)"},
+        OPTIONS_FIELD: {
+            "type": "string",
+            "description": 'the settings below as one JSON object instead, e.g. {"num_beams": 5}',
+        },
+        **options,
+    }
+    schema = {"type": "object", "required": [IMAGES_FIELD], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}

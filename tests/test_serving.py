@@ -1,0 +1,426 @@
+"""`imcap serve`'s REST API in-process with TestClient, on the tiny "seeing" model; and the batcher itself."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from imcap.captioner import Captioner
+from imcap.cli import app as cli_app
+from imcap.generation import CaptionOptions, OptionsError
+from imcap.images import decode_image
+from imcap.serving.app import create_app
+from imcap.serving.queue import Batcher, QueueFull
+from imcap.serving.settings import ServeSettings
+
+from .conftest import EXAMPLES
+
+OPTIONS = CaptionOptions(max_new_tokens=6, num_beams=2)  # short captions keep the tiny model fast
+FORM = {"max_new_tokens": "6", "num_beams": "2"}
+
+
+def png(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A small picture of two coloured blocks; different seeds give different pictures."""
+    rng = np.random.default_rng(seed)
+    picture = np.empty((size[1], size[0], 3), np.uint8)
+    picture[:] = rng.integers(0, 256, 3)
+    picture[: size[1] // 2, : size[0] // 2] = rng.integers(0, 256, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def files(*datas: bytes, names: list[str] | None = None) -> list[tuple]:
+    names = names or [f"photo_{i}.png" for i in range(len(datas))]
+    return [("images", (name, data, "image/png")) for name, data in zip(names, datas, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def captioner(seeing_model_dir) -> Captioner:
+    return Captioner.from_pretrained(seeing_model_dir)
+
+
+def client_for(captioners, **settings) -> TestClient:
+    return TestClient(create_app(captioners, ServeSettings(ui=False, api_key=None, **settings)))
+
+
+@pytest.fixture(scope="module")
+def client(captioner) -> TestClient:
+    with client_for({"seeing": captioner}) as client:  # `with`: the app's lifespan closes the batcher
+        yield client
+
+
+class Gate:
+    """Wraps a Captioner: each call waits until `release` (set from the test), and is recorded."""
+
+    def __init__(self, captioner: Captioner):
+        self.captioner, self.release, self.entered = captioner, threading.Event(), threading.Event()
+        self.max_caption_tokens = captioner.max_caption_tokens
+        self.batches: list[int] = []
+
+    def __call__(self, images, options):
+        self.batches.append(len(images))
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the gate"
+        return self.captioner(images, options)
+
+
+def wait_until(condition, what: str) -> None:
+    event = threading.Event()
+    for _ in range(3000):
+        if condition():
+            return
+        event.wait(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+# --- success -----------------------------------------------------------------------------------------
+
+
+def test_one_image_gets_the_same_caption_as_the_python_api(client, captioner):
+    data = (EXAMPLES / "flickr8k-val-dogs.jpg").read_bytes()
+    response = client.post("/v1/captions", files=files(data, names=["dogs.jpg"]), data=FORM)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = captioner(decode_image(data), OPTIONS)[0]
+    assert body["model"] == "seeing"
+    assert body["settings"] == OPTIONS.to_dict()
+    [image] = body["images"]
+    assert (image["filename"], image["width"], image["height"]) == ("dogs.jpg", 224, 224)
+    assert image["caption"] == expected.caption
+    assert [c["text"] for c in image["candidates"]] == [c.text for c in expected.candidates]
+    assert image["candidates"][0]["score"] == pytest.approx(expected.candidates[0].score, abs=1e-4)
+    assert image["timing"]["batch_images"] == 1 and image["timing"]["model_ms"] > 0
+    assert body["timing"]["total_ms"] >= image["timing"]["model_ms"]
+
+
+def test_several_images_come_back_in_upload_order(client, captioner):
+    datas = [png(seed) for seed in range(4)]
+    response = client.post("/v1/captions", files=files(*datas), data=FORM)
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert [i["filename"] for i in images] == [f"photo_{i}.png" for i in range(4)]
+    expected = captioner([decode_image(d) for d in datas], OPTIONS)
+    assert [i["caption"] for i in images] == [r.caption for r in expected]
+    assert len({i["caption"] for i in images}) > 1  # the seeing model tells these pictures apart
+    assert all(i["timing"]["batch_images"] == 4 for i in images)  # one shared model call
+
+
+def test_options_as_json_part_equal_form_fields_and_give_scored_candidates(client):
+    settings = {"max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 3}
+    as_json = client.post("/v1/captions", files=files(png(7)), data={"options": json.dumps(settings)})
+    as_fields = client.post(
+        "/v1/captions", files=files(png(7)), data={k: str(v) for k, v in settings.items()}
+    )
+    assert as_json.status_code == as_fields.status_code == 200, as_json.text
+    [from_json], [from_fields] = as_json.json()["images"], as_fields.json()["images"]
+    assert from_json["candidates"] == from_fields["candidates"]
+    scores = [c["score"] for c in from_json["candidates"]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert as_json.json()["settings"] == as_fields.json()["settings"] == CaptionOptions(**settings).to_dict()
+
+
+def test_seeded_sampling_is_reproducible_across_requests(client):
+    form = {**FORM, "num_beams": "1", "do_sample": "true", "seed": "3", "temperature": "1.5"}
+    first = client.post("/v1/captions", files=files(png(1), png(2)), data=form).json()["images"]
+    second = client.post("/v1/captions", files=files(png(2)), data=form).json()["images"]
+    assert first[1]["caption"] == second[0]["caption"]  # same image and seed, another batch
+
+
+def test_models_health_and_offline_docs(client, captioner):
+    assert client.get("/health").json() == {"status": "ok", "models": ["seeing"], "queued_images": 0}
+    assert client.get("/v1/models").json() == {
+        "models": [{"id": "seeing", "default": True, "max_caption_tokens": captioner.max_caption_tokens}]
+    }
+    page = client.get("/docs").text
+    assert "/docs-static/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    assert client.get("/docs-static/swagger-ui-bundle.js").status_code == 200
+    assert "cdn" not in client.get("/redoc").text.lower()
+    schema = client.get("/openapi.json").json()["paths"]["/v1/captions"]["post"]["requestBody"]
+    fields = schema["content"]["multipart/form-data"]["schema"]["properties"]
+    assert fields["images"]["items"]["format"] == "binary" and fields["num_beams"]["default"] == 3
+
+
+def test_two_models_are_picked_by_id(captioner, tiny_model_dir):
+    tiny = Captioner.from_pretrained(tiny_model_dir)
+    with client_for({"seeing": captioner, "tiny": tiny}) as client:
+        ids = [m["id"] for m in client.get("/v1/models").json()["models"]]
+        response = client.post("/v1/captions", files=files(png(1)), data={**FORM, "model": "tiny"})
+    assert ids == ["seeing", "tiny"]
+    assert response.json()["model"] == "tiny"
+    assert response.json()["images"][0]["caption"] == tiny(decode_image(png(1)), OPTIONS)[0].caption
+
+
+# --- validation: 400 / 422 with one clear line ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"num_beams": "0"},
+        {"temperature": "0.5"},
+        {"num_beams": "2", "num_return_sequences": "3"},
+        {"do_sample": "true", "top_p": "1.5"},
+        {"min_new_tokens": "9", "max_new_tokens": "4"},
+        {"num_beams": "1", "length_penalty": "2.0"},
+        {"seed": "-1"},
+    ],
+)
+def test_bad_settings_get_422_with_the_clis_message(client, fields):
+    """The same CaptionOptions.validate as `imcap caption`, so the same one-line message."""
+    typed = {
+        k: (v == "true") if k == "do_sample" else float(v) if "." in v else int(v) for k, v in fields.items()
+    }
+    with pytest.raises(OptionsError) as expected:
+        CaptionOptions(**typed).validate()
+    response = client.post("/v1/captions", files=files(png(0)), data=fields)
+    assert response.status_code == 422
+    assert response.json() == {"detail": str(expected.value)}
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        ({"num_beams": "abc"}, 422, "num_beams must be a whole number, got 'abc'"),
+        ({"top_p": "high"}, 422, "top_p must be a finite number, got 'high'"),
+        ({"do_sample": "maybe"}, 422, "do_sample must be true or false, got 'maybe'"),
+        ({"max_new_tokens": "500"}, 422, "max_new_tokens (500) exceeds what this model can generate"),
+        ({"beams": "5"}, 422, "unknown field 'beams' (did you mean 'num_beams'?)"),
+        ({"num_beams": "9"}, 422, "num_beams must be <= 8 on this server, got 9"),
+        ({"model": "nope"}, 422, "unknown model 'nope'; loaded: seeing"),
+        ({"options": "{not json"}, 400, "options is not valid JSON"),
+        ({"options": "[1, 2]"}, 422, "options must be a JSON object"),
+        ({"options": '{"num_beams": "3"}'}, 422, "num_beams must be a whole number, got '3'"),
+        ({"options": '{"beam": 3}'}, 422, "in options: unknown field 'beam'"),
+        ({"options": '{"num_beams": 3}', "num_beams": "3"}, 422, "num_beams given twice"),
+        ({"num_beams": ["2", "3"]}, 422, "num_beams given 2 times"),
+    ],
+)
+def test_each_bad_field_gets_its_own_message(client, data, status, message):
+    response = client.post("/v1/captions", files=files(png(0)), data=data)
+    assert response.status_code == status
+    assert message in response.json()["detail"]
+
+
+def test_requests_without_proper_images_get_400_or_422(client):
+    cases = [
+        (client.post("/v1/captions", data={"num_beams": "2"}), 400, "send multipart/form-data"),
+        (client.post("/v1/captions", json={"images": []}), 400, "send multipart/form-data"),
+        (client.post("/v1/captions", files={"model": (None, "seeing")}), 422, "no images"),
+        (client.post("/v1/captions", files={"images": (None, "text")}), 422, "images[0] is a text field"),
+        (client.post("/v1/captions", files={"photo": ("a.png", png(0))}), 422, "unknown field 'photo'"),
+        (
+            client.post(
+                "/v1/captions",
+                content=b"garbage, not multipart",
+                headers={"content-type": "multipart/form-data; boundary=xx"},
+            ),
+            400,
+            "malformed multipart body",
+        ),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status, response.text
+        assert message in response.json()["detail"]
+
+
+def test_corrupt_truncated_and_empty_files_get_422_naming_the_file_and_the_server_goes_on(client):
+    jpeg = (EXAMPLES / "flickr8k-val-dogs.jpg").read_bytes()
+    for name, data, reason in [
+        ("noise.jpg", b"\x00\x01 not an image", "not a readable image"),
+        ("cut.jpg", jpeg[: len(jpeg) // 3], "truncated or corrupt"),
+        ("empty.png", b"", "empty file"),
+        ("notes.txt", b"just text", "not a readable image"),
+    ]:
+        response = client.post("/v1/captions", files=files(png(0), data, names=["ok.png", name]), data=FORM)
+        assert response.status_code == 422, (name, response.text)
+        assert f"images[1] '{name}'" in response.json()["detail"] and reason in response.json()["detail"]
+    assert client.post("/v1/captions", files=files(png(0)), data=FORM).status_code == 200
+
+
+# --- API key ------------------------------------------------------------------------------------------------
+
+
+def test_api_key_is_required_as_a_bearer_token(captioner, monkeypatch):
+    monkeypatch.setenv("IMCAP_API_KEY", "s3cret")
+    settings = ServeSettings(ui=False)
+    assert settings.api_key == "s3cret" and "s3cret" not in repr(settings)
+    with TestClient(create_app({"seeing": captioner}, settings)) as client:
+        missing = client.post("/v1/captions", files=files(png(0)), data=FORM)
+        wrong = client.get("/v1/models", headers={"Authorization": "Bearer guess"})
+        right = client.post(
+            "/v1/captions", files=files(png(0)), data=FORM, headers={"Authorization": "Bearer s3cret"}
+        )
+        health = client.get("/health")
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert "IMCAP_API_KEY" in missing.json()["detail"]
+    assert right.status_code == 200 and health.status_code == 200
+
+
+# --- limits ---------------------------------------------------------------------------------------------
+
+
+def test_upload_limits_answer_413_or_422(captioner):
+    small, noisy = png(0), io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(noisy, "PNG")
+    assert len(small) < 1000 < 1e4 < len(noisy.getvalue())
+    limits = {"max_upload_mb": 0.001, "max_images_per_request": 2}  # 1048 bytes per file
+    with client_for({"seeing": captioner}, **limits) as client:
+        fine = client.post("/v1/captions", files=files(small), data=FORM)
+        too_big = client.post("/v1/captions", files=files(small, noisy.getvalue()), data=FORM)
+        too_many = client.post("/v1/captions", files=files(small, small, small), data=FORM)
+        multipart = {"content-type": "multipart/form-data; boundary=x"}
+        declared = client.post(
+            "/v1/captions", content=b"x", headers={**multipart, "content-length": "10000000"}
+        )
+        streamed = client.post(  # chunked: no Content-Length to check up front, cut off while reading
+            "/v1/captions", content=iter([b"x" * 1024] * 2048), headers=multipart
+        )
+    assert fine.status_code == 200
+    assert too_big.status_code == 413
+    assert too_big.json()["detail"] == "images[1] 'photo_1.png' is over the limit of 0.001 MB per file"
+    assert too_many.status_code == 413
+    assert too_many.json()["detail"] == "too many images: 3, at most 2 per request"
+    assert declared.status_code == streamed.status_code == 413
+    assert "request body over the limit" in declared.json()["detail"] == streamed.json()["detail"]
+    with client_for({"seeing": captioner}, max_pixels=10_000) as client:
+        huge = client.post("/v1/captions", files=files(png(0, size=(400, 300))), data=FORM)
+    assert huge.status_code == 422
+    assert "too large: 400x300 = 0.1 megapixels, over the limit of 0.01" in huge.json()["detail"]
+
+
+def test_uploads_leave_no_files_behind(client, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where Starlette spools uploads over 1 MB
+    noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")
+    assert len(buffer.getvalue()) > 1024 * 1024
+    response = client.post("/v1/captions", files=files(buffer.getvalue()), data=FORM)
+    assert response.status_code == 200, response.text
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- concurrency: shared batches, a full queue, timeouts ------------------------------------------------
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_recovers(captioner):
+    gate = Gate(captioner)
+    with client_for({"seeing": gate}, queue_size=1, max_batch=1) as client, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.post, "/v1/captions", files=files(png(1)), data=FORM)
+        assert gate.entered.wait(30)  # the worker holds image 1 in its model call
+        second = pool.submit(client.post, "/v1/captions", files=files(png(2)), data=FORM)
+        wait_until(lambda: client.get("/health").json()["queued_images"] == 1, "image 2 queued")
+        third = client.post("/v1/captions", files=files(png(3)), data=FORM)
+        too_many_at_once = client.post("/v1/captions", files=files(png(4), png(5)), data=FORM)
+        gate.release.set()
+        assert first.result().status_code == second.result().status_code == 200
+        after = client.post("/v1/captions", files=files(png(3)), data=FORM)
+    assert third.status_code == too_many_at_once.status_code == 503
+    assert int(third.headers["Retry-After"]) >= 1 and "queue is full" in third.json()["detail"]
+    assert after.status_code == 200
+
+
+def test_requests_that_time_out_get_503_and_cost_no_model_time(captioner):
+    gate = Gate(captioner)
+    with (
+        client_for({"seeing": gate}, request_timeout_s=0.2, max_batch=1) as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        first = pool.submit(client.post, "/v1/captions", files=files(png(1)), data=FORM)
+        assert gate.entered.wait(30)
+        late = client.post("/v1/captions", files=files(png(2), png(3)), data=FORM)  # waits behind image 1
+        gate.release.set()
+        assert first.result().status_code == 503  # its own model call outlived the timeout too
+        # straight to the batcher (no HTTP timeout): it runs after the queue has been worked through
+        batcher = client.app.state.batcher
+        assert batcher.submit("seeing", [decode_image(png(4))], OPTIONS)[0].result(30).batch_images == 1
+    assert late.status_code == 503 and "timed out after 0.2 s" in late.json()["detail"]
+    assert late.headers["Retry-After"] == "1"
+    assert gate.batches == [1, 1]  # images 2 and 3 were dropped from the queue, never captioned
+
+
+def test_waiting_requests_with_the_same_settings_share_one_model_call(captioner):
+    gate = Gate(captioner)
+    with client_for({"seeing": gate}, max_batch=8) as client, ThreadPoolExecutor(5) as pool:
+        blocker = pool.submit(client.post, "/v1/captions", files=files(png(0)), data=FORM)
+        assert gate.entered.wait(30)
+        same = [pool.submit(client.post, "/v1/captions", files=files(png(i)), data=FORM) for i in (1, 2, 3)]
+        other = pool.submit(client.post, "/v1/captions", files=files(png(4)), data={**FORM, "num_beams": "1"})
+        wait_until(lambda: client.get("/health").json()["queued_images"] == 4, "4 images queued")
+        gate.release.set()
+        responses = [f.result() for f in [blocker, *same, other]]
+    assert [r.status_code for r in responses] == [200] * 5
+    assert [r.json()["images"][0]["timing"]["batch_images"] for r in responses] == [1, 3, 3, 3, 1]
+    assert sorted(gate.batches) == [1, 1, 3]
+
+
+def test_batcher_splits_big_requests_by_max_batch_and_fails_fast_when_full():
+    calls = []
+
+    def fake(images, options):
+        calls.append(len(images))
+        return [f"caption of {image}" for image in images]
+
+    batcher = Batcher({"fake": fake}, queue_size=20, max_batch=4, max_wait_ms=0)
+    try:
+        futures = batcher.submit("fake", list(range(10)), OPTIONS)
+        assert [f.result(30).result for f in futures] == [f"caption of {i}" for i in range(10)]
+        assert calls == [4, 4, 2]
+        with pytest.raises(QueueFull):
+            batcher.submit("fake", list(range(21)), OPTIONS)
+    finally:
+        batcher.close()
+
+
+# --- the page's handler and the command -------------------------------------------------------------------
+
+
+def test_page_handler_ignores_sampling_sliders_unless_sampling(captioner, tmp_path):
+    import gradio as gr
+
+    from imcap.serving.ui import caption_handler
+
+    paths = [tmp_path / "a.png", tmp_path / "b.webp"]
+    paths[0].write_bytes(png(1))
+    Image.open(io.BytesIO(png(2))).save(paths[1])
+    batcher = Batcher({"seeing": captioner})
+    handler = caption_handler(batcher, {"seeing": captioner}, ServeSettings(ui=True))
+    try:
+        gallery, rows = handler([(str(p), None) for p in paths], "seeing", 6, 2, False, 0.3, 5, 0.5, 2)
+        with pytest.raises(gr.Error, match="num_return_sequences"):
+            handler([(str(paths[0]), None)], "seeing", 6, 1, False, 1.0, 0, 1.0, 2)
+        with pytest.raises(gr.Error, match="Upload one or more photos"):
+            handler(None, "seeing", 6, 2, False, 1.0, 0, 1.0, 1)
+    finally:
+        batcher.close()
+    two = CaptionOptions(max_new_tokens=6, num_beams=2, num_return_sequences=2)
+    expected = captioner([decode_image(png(1)), decode_image(paths[1].read_bytes())], two)
+    assert gallery == [(str(p), r.caption) for p, r in zip(paths, expected, strict=True)]
+    assert [row[:3] for row in rows] == [
+        [p.name, rank, c.text]
+        for p, r in zip(paths, expected, strict=True)
+        for rank, c in enumerate(r.candidates, 1)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "port must be in 0..65535"),
+        (["--max-batch", "0"], "max_batch must be >= 1"),
+        (["--model", "no/such/folder/here"], "model folder not found"),
+    ],
+)
+def test_serve_command_fails_at_once_on_bad_settings(args, message):
+    result = CliRunner().invoke(cli_app, ["serve", *args])
+    assert result.exit_code == 2 and message in result.output
