@@ -207,3 +207,17 @@ def test_candidates_carry_the_same_tokens_on_both_paths(seeing):
             assert candidate.tokens and eos not in candidate.tokens[:-1]  # cut after the first end
             text = loaded.tokenizer.decode(candidate.tokens, skip_special_tokens=True)
             assert candidate.text == format_caption(text)
+
+
+def test_engine_options_are_checked():
+    with pytest.raises(ValueError, match="encoder_batch"):
+        EngineOptions(encoder_batch=0)
+
+
+@pytest.mark.parametrize("encoder_batch", [1, 3])
+def test_encoder_slices_do_not_change_the_states(seeing, encoder_batch):
+    loaded, pixels = seeing
+    whole = Engine(loaded.model, EngineOptions(fold_batchnorm=False, encoder_batch=len(pixels)))
+    sliced = Engine(loaded.model, EngineOptions(fold_batchnorm=False, encoder_batch=encoder_batch))
+    # equal up to float rounding: convolution kernels pick batch-size-dependent paths (seen: ~1e-4)
+    assert torch.allclose(sliced.encode(pixels), whole.encode(pixels), atol=1e-3, rtol=1e-3)
