@@ -160,12 +160,17 @@ def _new_cache(decoder: nn.Module) -> EncoderDecoderCache:
     return EncoderDecoderCache(DynamicCache(config=decoder.config), DynamicCache(config=decoder.config))
 
 
+def _next_logits(decoder, tokens, hidden, cache) -> torch.Tensor:
+    """(rows, V) float32 next-token logits, given the last token of each row (the cache holds the rest)."""
+    return (
+        decoder(input_ids=tokens[:, -1:], encoder_hidden_states=hidden, past_key_values=cache, use_cache=True)
+        .logits[:, -1, :]
+        .float()
+    )
+
+
 def _next_log_probs(decoder, tokens, hidden, cache) -> torch.Tensor:
-    """(rows, V) log-softmax of the next-token logits, given the last token of each row."""
-    logits = decoder(
-        input_ids=tokens[:, -1:], encoder_hidden_states=hidden, past_key_values=cache, use_cache=True
-    ).logits[:, -1, :]
-    return torch.log_softmax(logits.float(), dim=-1)
+    return torch.log_softmax(_next_logits(decoder, tokens, hidden, cache), dim=-1)
 
 
 def _greedy(decoder, hidden, config, special, processors) -> list[list[Decoded]]:
@@ -176,10 +181,7 @@ def _greedy(decoder, hidden, config, special, processors) -> list[list[Decoded]]
     active = torch.arange(batch, device=hidden.device)  # image index of each row still decoding
     results: list[list[Decoded]] = [[] for _ in range(batch)]
     for _ in range(config.max_new_tokens):
-        logits = decoder(
-            input_ids=sequences[:, -1:], encoder_hidden_states=hidden, past_key_values=cache, use_cache=True
-        ).logits[:, -1, :]
-        processed = processors(sequences, logits.float())
+        processed = processors(sequences, _next_logits(decoder, sequences, hidden, cache))
         token = processed.argmax(dim=-1)
         # generate scores greedy tokens with the processed logits, normalised (see Captioner._generate)
         scores = scores + torch.log_softmax(processed, dim=-1).gather(1, token[:, None]).squeeze(1)
