@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -121,7 +124,8 @@ def test_shipped_model_captions_equal_plain_generate_on_the_examples():
     photos = sorted(EXAMPLES.glob("*.jpg"))
     fast = Captioner.from_pretrained()
     plain = Captioner(fast.loaded, use_engine=False)
-    for options in (CaptionOptions(), CaptionOptions(num_beams=1)):
+    # guidance (imcap.guidance) is the engine's own: plain generate is compared unguided
+    for options in (CaptionOptions(guide=False), CaptionOptions(num_beams=1, guide=False)):
         batched = [r.caption for r in fast(photos, options)]
         one_by_one = [plain(photo, options)[0].caption for photo in photos]
         assert batched == one_by_one
@@ -221,3 +225,60 @@ def test_encoder_slices_do_not_change_the_states(seeing, encoder_batch):
     sliced = Engine(loaded.model, EngineOptions(fold_batchnorm=False, encoder_batch=encoder_batch))
     # equal up to float rounding: convolution kernels pick batch-size-dependent paths (seen: ~1e-4)
     assert torch.allclose(sliced.encode(pixels), whole.encode(pixels), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["greedy", "beam3", "beam4-three-returned", "beam2-processors"])
+def test_prefixed_decoding_equals_generate_with_a_prompt(seeing, name):
+    """Captions that must start with given tokens (how guidance puts a concept first) are generate's
+    captions for that decoder prompt; an empty prefix is plain decoding."""
+    loaded, pixels = seeing
+    model, options = loaded.model, SETTINGS[name]
+    config = generation_config(options, model.generation_config)
+    engine = Engine(model, EngineOptions(fold_batchnorm=False))
+    prefixes = [[5, 9], [], [7, 7], [11]]
+    with torch.inference_mode():
+        hidden = engine.encode(pixels[:4])
+        got = engine.decode_prefixed(hidden, config, prefixes)
+        plain = engine.decode(hidden[1:2], config)[0]
+        for image, prefix in enumerate(prefixes):
+            prompt = torch.tensor([[config.decoder_start_token_id, *prefix]])
+            beam_config = copy.deepcopy(config)
+            if options.num_beams == 1:  # a prefixed greedy request is a beam search of width 1
+                beam_config.update(num_beams=1)
+            out = model.generate(
+                pixel_values=pixels[image : image + 1],
+                decoder_input_ids=prompt,
+                generation_config=beam_config,
+                max_new_tokens=config.max_new_tokens,
+            )
+            expected = [_cut(seq[1:].tolist(), config.eos_token_id) for seq in out]
+            assert [d.tokens for d in got[image]] == expected
+            assert all(d.tokens[: len(prefix)] == prefix for d in got[image])
+    assert [d.tokens for d in got[1]] == [d.tokens for d in plain]
+
+
+def test_prefixed_scores_count_the_prefix(seeing):
+    loaded, pixels = seeing
+    config = generation_config(CaptionOptions(num_beams=2, max_new_tokens=6), loaded.model.generation_config)
+    engine = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
+    with torch.inference_mode():
+        hidden = engine.encode(pixels[:1])
+        [[best, *_]] = engine.decode_prefixed(hidden, config, [[5, 9]])
+        ids = torch.tensor([[config.decoder_start_token_id, *best.tokens]])
+        logits = loaded.model.decoder(input_ids=ids, encoder_hidden_states=hidden).logits
+    log_probs = logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).sum()
+    assert best.score == pytest.approx(float(log_probs), abs=1e-3)
+
+
+def test_engine_bans_words_as_generate_does(seeing):
+    loaded, pixels = seeing
+    config = generation_config(CaptionOptions(num_beams=3, max_new_tokens=10), loaded.model.generation_config)
+    engine = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
+    with torch.inference_mode():
+        hidden = engine.encode(pixels[:6])
+        common = collections.Counter(t for c in engine.decode(hidden, config) for t in c[0].tokens)
+        config.bad_words_ids = [[token] for token, _ in common.most_common(2)]
+        got = [c[0].tokens for c in engine.decode(hidden, config)]
+        expected = [seq[0] for seq in plain_generate(loaded.model, pixels[:6], config)]
+    assert got == expected
+    assert not {t for tokens in got for t in tokens} & {b[0] for b in config.bad_words_ids}

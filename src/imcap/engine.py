@@ -21,7 +21,9 @@ Sampling is not here: the Captioner sends it to `generate`, where seeded samplin
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,11 +32,15 @@ from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig
 from transformers.generation import (
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
 )
 
 from imcap.encoder import EfficientNetLiteEncoder
+
+if TYPE_CHECKING:  # imcap.guided imports this module
+    from imcap.guided import Constraint
 
 _MASKED = -1.0e9  # the score transformers' beam search gives to excluded beams; kept for identical ties
 
@@ -45,6 +51,17 @@ class Decoded:
 
     tokens: list[int]
     score: float  # sum of the (processed) log-probabilities of `tokens`
+
+
+@dataclass
+class Encoded:
+    """A batch after the encoder: what the decoder reads, and what the image classifier saw."""
+
+    hidden: torch.Tensor  # (B, S, D_decoder)
+    concept_probs: torch.Tensor | None = None  # (B, 1000) ImageNet probabilities (concept-head models)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
 
 
 @dataclass(frozen=True)
@@ -92,17 +109,20 @@ class Engine:
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, S, D_decoder): the states the decoder cross-attends to."""
+        return self.encode_with_concepts(pixel_values).hidden
+
+    @torch.inference_mode()
+    def encode_with_concepts(self, pixel_values: torch.Tensor) -> Encoded:
+        """The decoder's states and, for encoders with a concept head, the ImageNet probabilities."""
         pixels = pixel_values.to(device=self.model.device, dtype=self.model.dtype)
         if isinstance(self.encoder, EfficientNetLiteEncoder):
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         step = self.options.encoder_batch or (1 if torch.get_num_threads() == 1 else 4)
-        hidden = torch.cat(
-            [
-                self.encoder(pixel_values=pixels[i : i + step]).last_hidden_state
-                for i in range(0, len(pixels), step)
-            ]
-        )
-        return _project_to_decoder(self.model, hidden)
+        outputs = [self.encoder(pixel_values=pixels[i : i + step]) for i in range(0, len(pixels), step)]
+        hidden = torch.cat([out.last_hidden_state for out in outputs])
+        logits = [getattr(out, "concept_logits", None) for out in outputs]
+        probs = None if any(x is None for x in logits) else torch.cat(logits).float().softmax(dim=-1)
+        return Encoded(_project_to_decoder(self.model, hidden), probs)
 
     @torch.inference_mode()
     def decode(self, hidden: torch.Tensor, config: GenerationConfig) -> list[list[Decoded]]:
@@ -114,6 +134,88 @@ class Engine:
         if config.num_beams > 1:
             return _BeamSearch(self.decoder, hidden, config, self.special, processors).run()
         return _greedy(self.decoder, hidden, config, self.special, processors)
+
+    @torch.inference_mode()
+    def decode_prefixed(
+        self,
+        hidden: torch.Tensor,
+        config: GenerationConfig,
+        prefixes: Sequence[Sequence[int]],
+        word_continuations: Collection[int] = (),
+    ) -> list[list[Decoded]]:
+        """Beam search where every caption of image b starts with the tokens prefixes[b] (returned as part
+        of its tokens and score). Images are grouped by prefix length, one search per group; a greedy
+        request is a beam search of width 1. `word_continuations` (imcap.guided.word_continuations) may
+        not follow the prefix, so its last word stays whole ("a dessert", never "a desserters")."""
+        if config.do_sample:
+            raise ValueError("the engine decodes greedily or with beams; sampling goes through generate")
+        config = _with_defaults(config)
+        results: list[list[Decoded]] = [[] for _ in prefixes]
+        by_length: dict[int, list[int]] = {}
+        for image, prefix in enumerate(prefixes):
+            by_length.setdefault(len(prefix), []).append(image)
+        for length, images in by_length.items():
+            processors = _logits_processors(config, self.special, prompt_length=1 + length)
+            if word_continuations and length:
+                processors.append(_BanAtPosition(1 + length, sorted(word_continuations)))
+            prefix = torch.tensor([list(prefixes[i]) for i in images], device=hidden.device)
+            search = _BeamSearch(self.decoder, hidden[images], config, self.special, processors, prefix)
+            for image, decoded in zip(images, search.run(), strict=True):
+                results[image] = decoded
+        return results
+
+    @torch.inference_mode()
+    def decode_guided(
+        self,
+        hidden: torch.Tensor,
+        config: GenerationConfig,
+        constraints: Sequence[Sequence[Constraint]],
+        word_continuations: Collection[int] = (),
+    ) -> list[list[Decoded]]:
+        """`decode`, where constraints[b] (a sequence of `imcap.guided.Constraint`) must be met by image b's
+        captions: images with constraints go through `imcap.guided.constrained_beam_search`, the others
+        through `decode` (so their tokens are decode's), and results come back in image order.
+        word_continuations: see `imcap.guided.word_continuations` (empty: the rule is off)."""
+        from imcap.guided import constrained_beam_search  # imported here: guided builds on this module
+
+        if len(constraints) != hidden.shape[0]:
+            raise ValueError(f"{len(constraints)} constraint lists for {hidden.shape[0]} images")
+        guided = [i for i, c in enumerate(constraints) if c]
+        if not guided:
+            return self.decode(hidden, config)
+        if config.do_sample:
+            raise ValueError("the engine decodes greedily or with beams; sampling goes through generate")
+        results: list[list[Decoded]] = [[] for _ in constraints]
+        plain = [i for i, c in enumerate(constraints) if not c]
+        if plain:
+            for i, decoded in zip(plain, self.decode(hidden[plain], config), strict=True):
+                results[i] = decoded
+        config = _with_defaults(config)
+        processors = _logits_processors(config, self.special)
+        found = constrained_beam_search(
+            self.decoder,
+            hidden[guided],
+            config,
+            self.special,
+            processors,
+            [constraints[i] for i in guided],
+            word_continuations,
+        )
+        for i, decoded in zip(guided, found, strict=True):
+            results[i] = decoded
+        return results
+
+
+class _BanAtPosition:
+    """A logits processor: these tokens may not come at this position (sequences of that length)."""
+
+    def __init__(self, length: int, tokens: Sequence[int]):
+        self.length, self.tokens = length, torch.tensor(tokens, dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] == self.length:
+            scores = scores.index_fill(1, self.tokens.to(scores.device), float("-inf"))
+        return scores
 
 
 def _with_defaults(config: GenerationConfig) -> GenerationConfig:
@@ -144,7 +246,9 @@ def _project_to_decoder(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def _logits_processors(config: GenerationConfig, special: _Special) -> LogitsProcessorList:
+def _logits_processors(
+    config: GenerationConfig, special: _Special, prompt_length: int = 1
+) -> LogitsProcessorList:
     """The processors `generate` would build for these settings, in its order (prompt = the start token)."""
     processors = LogitsProcessorList()
     if config.repetition_penalty not in (None, 1.0):
@@ -152,7 +256,11 @@ def _logits_processors(config: GenerationConfig, special: _Special) -> LogitsPro
     if config.no_repeat_ngram_size:
         processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
     if config.min_new_tokens:
-        processors.append(MinNewTokensLengthLogitsProcessor(1, config.min_new_tokens, special.eos))
+        processors.append(
+            MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, special.eos)
+        )
+    if config.bad_words_ids:  # guidance rules words out (imcap.guidance)
+        processors.append(NoBadWordsLogitsProcessor(config.bad_words_ids, special.eos.tolist()))
     return processors
 
 
@@ -204,17 +312,31 @@ class _BeamSearch:
     """transformers' vectorised beam search (GenerationMixin._beam_search), step for step, with
     finished images leaving the batch. Shapes: B images, K beams, 2K candidates kept per step."""
 
-    def __init__(self, decoder, hidden, config: GenerationConfig, special: _Special, processors):
+    def __init__(
+        self,
+        decoder,
+        hidden,
+        config: GenerationConfig,
+        special: _Special,
+        processors,
+        prefix: torch.Tensor | None = None,
+    ):
         self.decoder, self.config, self.special, self.processors = decoder, config, special, processors
         self.beams, self.keep = config.num_beams, max(2, 1 + len(special.eos)) * config.num_beams
         self.penalty, self.early_stopping = config.length_penalty, config.early_stopping
-        self.max_length = 1 + config.max_new_tokens
         batch, device = hidden.shape[0], hidden.device
+        # prefix (B, L): tokens every caption of image b starts with, fed in one call at step one (guidance
+        # uses it to put a concept first); their log-probs count in the captions' scores
+        self.prefix_length = 0 if prefix is None else prefix.shape[1]
+        self.prefix_scores = torch.zeros(batch, device=device)
+        self.max_length = 1 + self.prefix_length + config.max_new_tokens
         self.hidden = hidden  # (B, S, D) for the first step, then one copy per beam (B*K, S, D)
         self.cache = _new_cache(decoder)
         shape = (batch, self.beams, self.max_length)
         self.running = torch.full(shape, special.pad, dtype=torch.long, device=device)
         self.running[:, :, 0] = special.start
+        if prefix is not None:
+            self.running[:, :, 1 : 1 + self.prefix_length] = prefix[:, None, :]
         self.running_scores = torch.zeros(batch, self.beams, device=device)
         self.running_scores[:, 1:] = _MASKED  # only the first beam expands at step one
         self.finished = self.running.clone()
@@ -226,10 +348,10 @@ class _BeamSearch:
         self.results: list[list[Decoded]] = [[] for _ in range(batch)]
 
     def run(self) -> list[list[Decoded]]:
-        length = 1
+        length = first = 1 + self.prefix_length
         while True:
             rows = self.running[:, :, :length].flatten(0, 1)
-            log_probs = self._first_step(rows) if length == 1 else self._next_step(rows)
+            log_probs = self._first_step(rows) if length == first else self._next_step(rows)
             hits_stop = self._step(log_probs, length)
             length += 1
             self._update_can_improve(length)
@@ -247,11 +369,25 @@ class _BeamSearch:
         start token, so their outputs are equal (generate computes them K times). This also computes each
         image's cross-attention keys/values once; the caches are then copied out to one row per beam."""
         first = rows[:: self.beams]
-        log_probs = self.processors(first, _next_log_probs(self.decoder, first, self.hidden, self.cache))
+        if self.prefix_length:
+            log_probs = self.processors(first, self._prefix_log_probs(first))
+        else:
+            log_probs = self.processors(first, _next_log_probs(self.decoder, first, self.hidden, self.cache))
         per_beam = torch.arange(len(first), device=rows.device).repeat_interleave(self.beams)
         self.cache.reorder_cache(per_beam)
         self.hidden = self.hidden[per_beam]
         return log_probs[per_beam]
+
+    def _prefix_log_probs(self, first: torch.Tensor) -> torch.Tensor:
+        """Feed start + prefix at once (filling the cache); keep the prefix's log-prob; return the next
+        token's log-probs."""
+        logits = self.decoder(
+            input_ids=first, encoder_hidden_states=self.hidden, past_key_values=self.cache, use_cache=True
+        ).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        forced = log_probs[:, :-1].gather(-1, first[:, 1:, None]).squeeze(-1)
+        self.prefix_scores = forced.sum(dim=1)
+        return log_probs[:, -1]
 
     def _next_step(self, rows: torch.Tensor) -> torch.Tensor:
         return self.processors(rows, _next_log_probs(self.decoder, rows, self.hidden, self.cache))
@@ -280,7 +416,8 @@ class _BeamSearch:
         in_top_k = torch.zeros(self.keep, dtype=torch.bool, device=hits_stop.device)
         in_top_k[: self.beams] = True
         just_finished = hits_stop & in_top_k[None, :]
-        penalised = top_scores / (length**self.penalty)
+        # generate's length penalty counts generated tokens, a prompt (our prefix) left out
+        penalised = top_scores / ((length - self.prefix_length) ** self.penalty)
         full = self.is_finished.all(dim=-1, keepdim=True) & (self.early_stopping is True)
         penalised = penalised + full.float() * _MASKED
         penalised = penalised + (~self.can_improve).float() * _MASKED
@@ -295,9 +432,9 @@ class _BeamSearch:
     def _update_can_improve(self, length: int) -> None:
         """Could the best open beam still beat the worst finished one? (early_stopping=False/True rule)."""
         if self.early_stopping == "never" and self.penalty > 0.0:
-            best_length = self.max_length - 1
+            best_length = self.max_length - 1 - self.prefix_length
         else:
-            best_length = length - 1
+            best_length = length - 1 - self.prefix_length
         best_open = self.running_scores[:, :1] / (best_length**self.penalty)
         worst_finished = torch.where(
             self.is_finished, self.finished_scores.min(dim=1, keepdim=True)[0], _MASKED
@@ -310,13 +447,21 @@ class _BeamSearch:
             image = int(self.images[b])
             for k in range(wanted):
                 tokens = _cut_after_eos(self.finished[b, k, 1:].tolist(), self.special)
-                self.results[image].append(Decoded(tokens, float(self.finished_sums[b, k])))
+                score = float(self.finished_sums[b, k] + self.prefix_scores[b])
+                self.results[image].append(Decoded(tokens, score))
 
     def _drop(self, keep: torch.Tensor) -> None:
         """Remove finished images: their beams' rows from every tensor and from both caches."""
         images = keep.nonzero().flatten()
         rows = (images[:, None] * self.beams + torch.arange(self.beams, device=images.device)).flatten()
-        for name in ("running", "running_scores", "finished", "finished_scores", "finished_sums"):
+        for name in (
+            "running",
+            "running_scores",
+            "finished",
+            "finished_scores",
+            "finished_sums",
+            "prefix_scores",
+        ):
             setattr(self, name, getattr(self, name)[images])
         self.is_finished, self.can_improve = self.is_finished[images], self.can_improve[images]
         self.images, self.hidden = self.images[images], self.hidden[rows]
