@@ -134,3 +134,27 @@ def test_scst_step_raises_the_better_sample_and_lowers_the_worse(tmp_path):
     optimizer.step()
     after = sequence_log_probs().detach()
     assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_concept_tokens_train_with_a_frozen_head_and_are_saved(data, tmp_path):
+    """A recipe with ImageNet concepts: the head stays what it was (frozen), the concept layers learn, and
+    the saved model records its head and table."""
+    config = tiny_config(data, tmp_path / "run", tmp_path / "cache", xe_epochs=2)
+    config.model.concept_head, config.model.concept_tokens, config.model.concept_dropout = True, 3, 0.3
+    best = train(config.validate())
+    loaded = load_model(best)
+    encoder = loaded.model.encoder
+    assert encoder.config.concept_tokens == 3 and encoder.config.concept_table == "imagenet-1k-wordnet-v1"
+    start = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    loop._seed_everything(config.seed)  # as prepare() does before building: the same initial weights
+    fresh = loop.build(config, TINY_CAPTIONS, None).model.state_dict()
+    torch.testing.assert_close(start["encoder.classifier.weight"], fresh["encoder.classifier.weight"])
+    assert not torch.equal(start["encoder.concept_rank"], fresh["encoder.concept_rank"])
+
+
+def test_concept_head_refuses_a_trainable_tail(data, tmp_path):
+    raw = tiny_config(data, tmp_path / "run", tmp_path / "cache").to_dict()
+    raw["model"].update(concept_head=True)
+    raw["optim"]["finetune_tail_from_epoch"] = 2
+    with pytest.raises(ValueError, match="frozen tail"):
+        TrainConfig.from_dict(raw)

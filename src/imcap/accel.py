@@ -22,6 +22,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.pytorch_utils import Conv1D
 
+from imcap.encoder import ConceptEncoderOutput
+
 ONNX_CACHE = Path(os.environ.get("IMCAP_ONNX_CACHE", "~/.cache/imcap/onnx")).expanduser()
 
 
@@ -66,8 +68,9 @@ class OnnxEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, **_) -> BaseModelOutput:
         pixels = pixel_values.float().contiguous().numpy()
-        (hidden,) = self.session.run(None, {self.input_name: pixels})[:1]
-        return BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
+        outputs = [torch.from_numpy(x) for x in self.session.run(None, {self.input_name: pixels})]
+        logits = outputs[1] if len(outputs) > 1 else None
+        return ConceptEncoderOutput(last_hidden_state=outputs[0], concept_logits=logits)
 
 
 class _StatesOnly(nn.Module):
@@ -77,8 +80,10 @@ class _StatesOnly(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.encoder(pixel_values=pixel_values).last_hidden_state
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.encoder(pixel_values=pixel_values)
+        logits = getattr(out, "concept_logits", None)  # a concept head's ImageNet logits travel too
+        return out.last_hidden_state if logits is None else (out.last_hidden_state, logits)
 
 
 def export_encoder(encoder: nn.Module, image_size: int) -> Path:
@@ -96,7 +101,7 @@ def export_encoder(encoder: nn.Module, image_size: int) -> Path:
             (example,),
             dynamic_shapes={"pixel_values": {0: batch}},
             input_names=["pixel_values"],
-            output_names=["hidden"],
+            output_names=["hidden", "concept_logits"] if _has_head(encoder) else ["hidden"],
             dynamo=True,
             verbose=False,
         )
@@ -107,6 +112,10 @@ def export_encoder(encoder: nn.Module, image_size: int) -> Path:
         ) from error
     partial.replace(path)  # atomic: a concurrent or interrupted export never leaves half a file
     return path
+
+
+def _has_head(encoder: nn.Module) -> bool:
+    return bool(getattr(encoder.config, "concept_head", False))
 
 
 def _weights_key(module: nn.Module, image_size: int) -> str:

@@ -14,9 +14,25 @@ Token layout, for lite2 at its native 260 px (a 9x9 final map):
       -> `num_layers` pre-norm transformer layers, final LayerNorm   (B, 82, D)
 
 Splitting trunk from tail lets training cache the trunk once and still fine-tune the last block(s).
+
+Concepts (`concept_head`, `concept_tokens`): the ImageNet checkpoints come with their 1000-way classifier
+(`_fc`, 1280 -> 1000 on the pooled final map). Kept as the frozen `classifier`, it names what is in the
+photo from features the encoder computes anyway (no second CNN pass), including the many things Flickr8k
+never shows. With `concept_tokens` = K, the K most probable classes also become K extra tokens after the
+patches, so the decoder reads them beside the image ("attributes" captioning: You et al. 2016, Yao et al.
+2017). A concept token is made from the classifier's own weight row for that class (a fixed vector in the
+CNN's feature space, so classes the captions never mention still get a meaningful token), its probability
+and its rank; in training, `concept_dropout` swaps tokens for a learned "no concept" token, so the decoder
+does not over-trust them:
+
+    (B, 1280, G, G) -> mean over the map -> classifier -> probabilities (B, 1000)
+      -> top K classes -> LayerNorm(Linear(weight row)) + Linear(probability) + rank embedding   (B, K, D)
+      -> appended after the patch tokens, through the same transformer layers   (B, 1 + G*G + K, D)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from efficientnet_lite_pytorch import EfficientNet
@@ -36,6 +52,7 @@ LITE_VARIANTS = {
 LITE_MEAN = 127.0 / 255.0
 LITE_STD = 128.0 / 255.0
 CNN_CHANNELS = 1280  # width of EfficientNet-Lite's conv head, the same for every variant
+IMAGENET_CLASSES = 1000  # the checkpoints' classifier head: ImageNet-1k, classes in sorted-WNID order
 
 
 class EfficientNetLiteEncoderConfig(PretrainedConfig):
@@ -50,6 +67,10 @@ class EfficientNetLiteEncoderConfig(PretrainedConfig):
         num_heads: int = 4,
         dropout: float = 0.1,
         tail_blocks: int = 1,
+        concept_head: bool = False,
+        concept_tokens: int = 0,
+        concept_dropout: float = 0.0,
+        concept_table: str | None = None,
         **kwargs,
     ):
         if variant not in LITE_VARIANTS:
@@ -63,6 +84,13 @@ class EfficientNetLiteEncoderConfig(PretrainedConfig):
         self.num_heads = num_heads
         self.dropout = dropout
         self.tail_blocks = tail_blocks
+        if concept_tokens and not concept_head:
+            raise ValueError("concept_tokens need concept_head: the tokens are the head's top classes")
+        self.concept_head = concept_head  # keep the ImageNet classifier: concept probabilities and tags
+        self.concept_tokens = concept_tokens  # the top K concepts as extra tokens for the decoder
+        self.concept_dropout = concept_dropout  # training: share of concept tokens replaced by "none"
+        # which table turns the head's classes into caption words (imcap.concepts): recorded with the weights
+        self.concept_table = concept_table
         super().__init__(**kwargs)
 
     @property
@@ -97,7 +125,7 @@ class LiteCNN:
         # Only the architecture here: ImageNet weights are loaded by `load_imagenet_weights` for a new model,
         # and a trained checkpoint brings its own.
         self.cnn = EfficientNet.from_name(self.config.variant, image_size=self.config.image_size)
-        del self.cnn._fc  # the classifier is never used
+        del self.cnn._fc  # the classifier lives on as `classifier` (concept_head) or not at all
 
     def _is_cnn(self, module: nn.Module) -> bool:
         return any(module is m for m in self.cnn.modules())
@@ -105,8 +133,10 @@ class LiteCNN:
     def load_imagenet_weights(self) -> None:
         """Fill the CNN with the ImageNet weights of its variant (for a model about to be trained)."""
         state = torch.load(imagenet_weights_path(self.config.variant), map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        self.cnn.load_state_dict(state)
+        self.cnn.load_state_dict({k: v for k, v in state.items() if not k.startswith("_fc.")})
+        classifier = getattr(self, "classifier", None)
+        if classifier is not None:
+            classifier.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
 
     # The two stages below are public so that training can cache `trunk` and run the rest per step.
     def trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -157,26 +187,65 @@ class EfficientNetLiteEncoder(LiteCNN, PreTrainedModel):
         )
         self.layers = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
+        if config.concept_head:
+            # ImageNet's own head, frozen: its probabilities must stay the classifier's
+            self.classifier = nn.Linear(CNN_CHANNELS, IMAGENET_CLASSES).requires_grad_(False)
+        if config.concept_tokens:
+            self.concept_proj = nn.Sequential(nn.Linear(CNN_CHANNELS, width), nn.LayerNorm(width))
+            self.concept_confidence = nn.Linear(1, width)
+            self.concept_rank = nn.Parameter(torch.zeros(config.concept_tokens, width))
+            self.concept_none = nn.Parameter(torch.zeros(width))  # what a dropped concept token becomes
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         if module is self:
             for embedding in (self.row_embed, self.col_embed, self.global_embed):
                 nn.init.normal_(embedding, std=0.02)
+            if self.config.concept_tokens:
+                nn.init.normal_(self.concept_rank, std=0.02)
+                nn.init.normal_(self.concept_none, std=0.02)
+        elif module is getattr(self, "classifier", None):
+            pass  # ImageNet's weights arrive with the CNN's (load_imagenet_weights) or the checkpoint
         elif isinstance(module, nn.Linear) and not self._is_cnn(module):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def concept_logits(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(B, 1280, G, G) -> (B, 1000) ImageNet logits: the checkpoint's classifier on the pooled map, as
+        the CNN's own forward computes them (its dropout is off outside training, and the head is frozen)."""
+        pooled = feature_map.mean(dim=(2, 3)).to(self.classifier.weight.dtype)
+        return self.classifier(pooled)
+
     def tokens(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """(B, 1280, G, G) -> (B, 1 + G*G, D): projected patches with positions, a global token first."""
+        """(B, 1280, G, G) -> (B, 1 + G*G [+ K], D): projected patches with positions, a global token first,
+        then the K concept tokens when the model has them."""
+        return self.encode_map(feature_map)[0]
+
+    def encode_map(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tokens, and the ImageNet logits (B, 1000) when the model has a concept head (else None)."""
         batch, _, rows, cols = feature_map.shape
         patches = self.proj(feature_map.flatten(2).transpose(1, 2).to(self.proj[0].weight.dtype))
         position = (self.row_embed[:rows, None, :] + self.col_embed[None, :cols, :]).reshape(rows * cols, -1)
         patches = patches + position
         global_token = patches.mean(dim=1, keepdim=True) + self.global_embed
-        x = self.dropout(torch.cat([global_token, patches], dim=1))
-        return self.norm(self.layers(x))
+        parts = [global_token, patches]
+        logits = self.concept_logits(feature_map) if self.config.concept_head else None
+        if self.config.concept_tokens:
+            parts.append(self._concept_tokens(logits))
+        x = self.dropout(torch.cat(parts, dim=1))
+        return self.norm(self.layers(x)), logits
+
+    def _concept_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, 1000) logits -> (B, K, D): a token per top-K class, from its classifier row and probability."""
+        probs, classes = logits.float().softmax(dim=-1).topk(self.config.concept_tokens, dim=-1)
+        rows = self.classifier.weight[classes]  # (B, K, 1280): the fixed vector ImageNet learned per class
+        tokens = self.concept_proj(rows.to(self.concept_rank.dtype))
+        tokens = tokens + self.concept_confidence(probs[..., None].to(tokens.dtype)) + self.concept_rank
+        if self.training and self.config.concept_dropout > 0:
+            dropped = torch.rand(tokens.shape[:2], device=tokens.device) < self.config.concept_dropout
+            tokens = torch.where(dropped[..., None], self.concept_none.to(tokens.dtype), tokens)
+        return tokens
 
     def forward(
         self,
@@ -186,10 +255,17 @@ class EfficientNetLiteEncoder(LiteCNN, PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput:
-        hidden = self.tokens(self.tail(self.trunk(pixel_values)))
+        hidden, logits = self.encode_map(self.tail(self.trunk(pixel_values)))
         if return_dict is False:
             return (hidden,)
-        return BaseModelOutput(last_hidden_state=hidden)
+        return ConceptEncoderOutput(last_hidden_state=hidden, concept_logits=logits)
+
+
+@dataclass
+class ConceptEncoderOutput(BaseModelOutput):
+    """The encoder's tokens, plus the ImageNet logits (B, 1000) of models with a concept head."""
+
+    concept_logits: torch.FloatTensor | None = None
 
 
 def register() -> None:

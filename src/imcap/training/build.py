@@ -130,6 +130,10 @@ def _lite_config(m: ModelConfig) -> EfficientNetLiteEncoderConfig:
         num_heads=m.num_heads,
         dropout=m.dropout,
         tail_blocks=m.tail_blocks,
+        concept_head=m.concept_head or m.concept_tokens > 0,
+        concept_tokens=m.concept_tokens,
+        concept_dropout=m.concept_dropout,
+        concept_table=m.concept_table if m.concept_head or m.concept_tokens else None,
     )
 
 

@@ -49,6 +49,12 @@ class ModelConfig:
     dropout: float = 0.1
     vocab_size: int = 4000  # BPE tokens (encoder-decoder, prefix); the LSTM's: lstm.min_word_count
     imagenet_weights: bool = True  # False only for tests that must not depend on the weight packages
+    # ImageNet concepts (imcap.encoder, imcap.concepts): keep the CNN's classifier head (tags, guided
+    # decoding), and give the decoder the top `concept_tokens` classes as extra tokens
+    concept_head: bool = False
+    concept_tokens: int = 0
+    concept_dropout: float = 0.0  # training: share of concept tokens replaced by a "no concept" token
+    concept_table: str = "imagenet-1k-wordnet-v1"  # the class -> caption-word table (imcap.concepts)
     # Pretrained parts: hub ids or local folders (a hub id needs network once, then its cache works offline).
     # A pretrained encoder is frozen and its output cached; our EfficientNet-Lite is used when none is named.
     pretrained: str | None = None  # encoder-decoder: a whole VisionEncoderDecoder checkpoint to fine-tune
@@ -121,6 +127,14 @@ class TrainConfig:
         self.model.validate(where)
         if self.model.frozen_encoder and self.optim.finetune_tail_from_epoch is not None:
             raise ValueError(f"{where}: a pretrained encoder is frozen; unset optim.finetune_tail_from_epoch")
+        concepts = self.model.concept_head or self.model.concept_tokens > 0
+        if concepts and self.optim.finetune_tail_from_epoch is not None:
+            # the frozen ImageNet head reads the tail's output: a tail trained here would change its meaning
+            raise ValueError(
+                f"{where}: model.concept_head needs a frozen tail; unset finetune_tail_from_epoch"
+            )
+        if self.model.concept_tokens < 0 or not 0 <= self.model.concept_dropout < 1:
+            raise ValueError(f"{where}: model.concept_tokens must be >= 0 and concept_dropout in [0, 1)")
         if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
             raise ValueError(f"{where}: time_budget_minutes must be > 0, got {self.time_budget_minutes}")
         return self

@@ -52,6 +52,9 @@ class LiteFront:
         for module in tail:
             for p in module.parameters():
                 p.requires_grad_(trainable)
+        classifier = getattr(self.encoder, "classifier", None)
+        if classifier is not None:  # the ImageNet head never trains: its probabilities are ImageNet's
+            classifier.requires_grad_(False)
 
     def cnn_parameters(self) -> list[nn.Parameter]:
         """The CNN's parameters (they train at `optim.tail_lr_scale` times the learning rate)."""
