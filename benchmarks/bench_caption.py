@@ -10,6 +10,11 @@ of images with token-identical captions is exact.
         --list ../shared/datasets/flickr8k/splits/val.txt --limit 200 --beams 3 --json bench.json
     python benchmarks/bench_caption.py --model random-vit-gpt2 --fixed-length 16 ...  # ViT-B/16 + GPT-2
 
+With a concept-head model (the shipped one) imcap guides captions by default (imcap.guidance); the run
+then also times imcap with `guide=False` in the same blocks, and reports guided images/s over unguided
+(`guided_speed_ratio`); token identity with `generate` is counted on the unguided side, and the share of
+images whose caption guidance changed is reported. `--no-guide` times the unguided side alone.
+
 `--model random-vit-gpt2` builds the nlpconnect/vit-gpt2-image-captioning shape (ViT-B/16 at 224 px,
 GPT-2 small with cross-attention) with random weights; random weights never say end-of-text, so
 `--fixed-length L` makes every caption exactly L tokens (min_new_tokens = max_new_tokens = L).
@@ -24,7 +29,7 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--single", type=int, default=50, help="images captioned one at a time for p50")
     parser.add_argument("--onnx-encoder", action="store_true", help="imcap side: ONNX Runtime encoder")
     parser.add_argument("--int8-decoder", action="store_true", help="imcap side: int8 decoder")
+    parser.add_argument("--no-guide", action="store_true", help="imcap side: no guided decoding")
     parser.add_argument("--json", type=Path, help="write the results here")
     return parser.parse_args(argv)
 
@@ -70,16 +76,23 @@ def main(argv: list[str] | None = None) -> dict:
     captioner = Captioner(loaded, engine=engine)
     config = generation_config(options, loaded.model.generation_config)
 
+    guided = captioner.guide is not None and options.guide
+    unguided_options = replace(options, guide=False)
     warm_up(captioner, loaded, paths[0], options, config)
-    baseline_s, imcap_s, baseline_tokens, imcap_tokens = 0.0, 0.0, [], []
-    for start in range(0, len(paths), args.block):  # alternate so that load changes hit both sides
+    baseline_s, imcap_s, unguided_s = 0.0, 0.0, 0.0
+    baseline_tokens, imcap_tokens, unguided_tokens = [], [], []
+    for start in range(0, len(paths), args.block):  # alternate so that load changes hit every side
         block = paths[start : start + args.block]
         seconds, tokens = run_baseline(loaded, block, config)
         baseline_s, baseline_tokens = baseline_s + seconds, baseline_tokens + tokens
         seconds, tokens = run_imcap(captioner, block, options, args.batch_size)
         imcap_s, imcap_tokens = imcap_s + seconds, imcap_tokens + tokens
+        if guided:
+            seconds, tokens = run_imcap(captioner, block, unguided_options, args.batch_size)
+            unguided_s, unguided_tokens = unguided_s + seconds, unguided_tokens + tokens
         print(f"{start + len(block)}/{len(paths)} images: baseline {baseline_s:.1f} s, imcap {imcap_s:.1f} s")
-    identical = sum(a == b for a, b in zip(baseline_tokens, imcap_tokens, strict=True))
+    same_as_generate = unguided_tokens if guided else imcap_tokens
+    identical = sum(a == b for a, b in zip(baseline_tokens, same_as_generate, strict=True))
 
     report = {
         "model": args.model or "imcap default (shipped)",
@@ -93,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         "imcap_images_per_s": len(paths) / imcap_s,
         "speedup": baseline_s / imcap_s,
         "identical_share": identical / len(paths),
+        **guided_report(guided, len(paths), imcap_s, unguided_s, imcap_tokens, unguided_tokens),
         "p50_ms_single": p50_single_ms(captioner, paths[: args.single], options),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "compute": compute_profile(captioner, loaded, paths[0], config),
@@ -102,6 +116,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def guided_report(guided: bool, n: int, guided_s, unguided_s, guided_tokens, unguided_tokens) -> dict:
+    """Guided against unguided imcap, timed in the same blocks (nothing when the run is unguided)."""
+    if not guided:
+        return {"guided": False}
+    changed = sum(a != b for a, b in zip(guided_tokens, unguided_tokens, strict=True))
+    return {
+        "guided": True,
+        "unguided_images_per_s": n / unguided_s,
+        "guided_speed_ratio": unguided_s / guided_s,
+        "guided_changed_share": changed / n,
+    }
 
 
 def image_paths(folder: Path, names_file: Path | None, limit: int) -> list[Path]:
@@ -114,8 +141,12 @@ def image_paths(folder: Path, names_file: Path | None, limit: int) -> list[Path]
 def caption_options(args: argparse.Namespace) -> CaptionOptions:
     if args.fixed_length:
         length = args.fixed_length
-        return CaptionOptions(num_beams=args.beams, min_new_tokens=length, max_new_tokens=length).validate()
-    return CaptionOptions(num_beams=args.beams, max_new_tokens=args.max_new_tokens).validate()
+        return CaptionOptions(
+            num_beams=args.beams, min_new_tokens=length, max_new_tokens=length, guide=not args.no_guide
+        ).validate()
+    return CaptionOptions(
+        num_beams=args.beams, max_new_tokens=args.max_new_tokens, guide=not args.no_guide
+    ).validate()
 
 
 def plain_caption(loaded: LoadedModel, path: Path, config) -> list[int]:

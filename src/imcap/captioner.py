@@ -6,6 +6,7 @@ The CLI (and any server) calls only this. Images may be paths, `PIL.Image`s, fil
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,9 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import VisionEncoderDecoderModel
+from transformers.modeling_outputs import BaseModelOutput
 
-from imcap.engine import Decoded, Engine, EngineOptions
+from imcap.concepts import ConceptTable, load_concept_table
+from imcap.engine import Decoded, Encoded, Engine, EngineOptions
 from imcap.generation import CaptionOptions, check_fits, generation_config
+from imcap.guidance import Guide, Plan
 from imcap.images import DEFAULT_MAX_PIXELS, ImageInput, as_image
 from imcap.modeling import LoadedModel, load_model, max_caption_tokens
 from imcap.tokenizer import format_caption
@@ -35,10 +39,23 @@ class Candidate:
 
 
 @dataclass
+class Tag:
+    """One ImageNet concept the encoder's classifier head sees in the image (imcap.concepts)."""
+
+    label: str  # the class's readable name, e.g. "Siberian husky"
+    score: float  # its probability under the head, 0..1
+
+
+MAX_TAGS = 20  # results carry at most this many tags; outputs show as many as asked (--tags K)
+
+
+@dataclass
 class CaptionResult:
     caption: str  # the best candidate's text
     candidates: list[Candidate]  # best first: beam search's order, or mean token log-prob for samples
     options: dict = field(default_factory=dict)  # the CaptionOptions used, as a dict
+    # the top ImageNet concepts, most probable first (empty for models without a concept head)
+    tags: list[Tag] = field(default_factory=list)
 
 
 class Captioner:
@@ -64,6 +81,12 @@ class Captioner:
         # LSTM models always are
         uses_engine = use_engine and isinstance(self.model, VisionEncoderDecoderModel)
         self.engine = Engine(self.model, engine) if uses_engine else None
+        encoder_config = getattr(self.model.config, "encoder", None)
+        self.concepts = _concept_table(encoder_config)  # class labels for tags; None without a head
+        # guided decoding runs in the engine (greedy and beam search of models with a concept head)
+        self.guide = (
+            Guide.for_model(encoder_config, loaded.guidance, loaded.tokenizer) if uses_engine else None
+        )
 
     @classmethod
     def from_pretrained(
@@ -129,31 +152,97 @@ class Captioner:
         """Whether these options go through imcap's engine (greedy and beam search do; sampling doesn't)."""
         return self.engine is not None and not options.do_sample
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The engine's first half: (B, 3, H, W) -> the states the decoder reads (see caption_encoded)."""
-        return self.engine.encode(pixels.to(self.model.dtype))
+    def encode(self, pixels: torch.Tensor) -> Encoded:
+        """The engine's first half: (B, 3, H, W) -> the states the decoder reads and the concept
+        probabilities (see caption_encoded)."""
+        return self.engine.encode_with_concepts(pixels.to(self.model.dtype))
 
     @torch.inference_mode()
     def caption_encoded(
-        self, hidden: torch.Tensor, options: CaptionOptions | None = None
+        self, encoded: Encoded | torch.Tensor, options: CaptionOptions | None = None
     ) -> list[CaptionResult]:
-        """The engine's second half: decode captions for states made by `encode` (the two can run in
+        """The engine's second half: decode captions for what `encode` made (the two can run in
         different threads, as `imcap.batch.caption_batches` does)."""
         options = self._checked(options)
-        per_image = self.engine.decode(hidden, generation_config(options, self.model.generation_config))
+        encoded = encoded if isinstance(encoded, Encoded) else Encoded(encoded)
+        config = generation_config(options, self.model.generation_config)
+        if options.guide and self.guide is not None and encoded.concept_probs is not None:
+            per_image = self._guided_decode(encoded, config)
+        else:
+            per_image = self.engine.decode(encoded.hidden, config)
         flat: list[Decoded] = [decoded for candidates in per_image for decoded in candidates]
         scores = torch.tensor([d.score for d in flat])
         lengths = torch.tensor([max(len(d.tokens), 1) for d in flat])
-        return self._results([d.tokens for d in flat], scores, lengths, options)
+        results = self._results([d.tokens for d in flat], scores, lengths, options)
+        return self._tagged(results, encoded.concept_probs)
+
+    def _guided_decode(self, encoded: Encoded, config) -> list[list[Decoded]]:
+        """Decode with the words guidance rules out banned, then decode again, constrained, the images
+        whose caption misses a confident concept (imcap.guidance). Images are grouped by their banned
+        words, so each group is one batched engine call."""
+        plans = self.guide.plans(encoded.concept_probs)
+        per_image: list[list[Decoded]] = [[] for _ in plans]
+        for banned, rows in _group_by(plans, lambda plan: plan.banned).items():
+            decoded = self.engine.decode(encoded.hidden[rows], self._banning(config, banned))
+            for row, candidates in zip(rows, decoded, strict=True):
+                per_image[row] = candidates
+        for row, plan in enumerate(plans):
+            best = self.loaded.tokenizer.decode(per_image[row][0].tokens, skip_special_tokens=True)
+            missing = self.guide.missing_word(plan, best)
+            plan.required = (missing,) if missing else ()
+        to_redo = [i for i, plan in enumerate(plans) if plan.required]
+        by_bans = _group_by([plans[i] for i in to_redo], self.guide.guarded)
+        for banned, positions in by_bans.items():
+            rows = [to_redo[p] for p in positions]
+            config_here = self._banning(config, banned)
+            decoded = self._rewrite(encoded.hidden[rows], config_here, [plans[r] for r in rows])
+            for row, candidates in zip(rows, decoded, strict=True):
+                per_image[row] = candidates
+        return per_image
+
+    def _rewrite(self, hidden: torch.Tensor, config, plans: list[Plan]) -> list[list[Decoded]]:
+        """Decode again so that each caption names its plan's required words (GuidanceSettings.placement)."""
+        if self.guide.settings.placement == "start":
+            prefixes = [self.guide.prefix(plan.required[0]) for plan in plans]
+            return self.engine.decode_prefixed(hidden, config, prefixes, self.guide.word_continuations)
+        constraints = [[self.guide.constraint(w) for w in plan.required] for plan in plans]
+        return self.engine.decode_guided(hidden, config, constraints, self.guide.word_continuations)
+
+    def _banning(self, config, banned: tuple[str, ...]):
+        if not banned:
+            return config
+        config = copy.deepcopy(config)
+        config.bad_words_ids = self.guide.bad_words_ids(banned)
+        return config
+
+    def _tagged(
+        self, results: list[CaptionResult], concept_probs: torch.Tensor | None
+    ) -> list[CaptionResult]:
+        """Attach the top ImageNet concepts of each image (models with a concept head)."""
+        if concept_probs is None or self.concepts is None:
+            return results
+        top = concept_probs.float().topk(min(MAX_TAGS, concept_probs.shape[-1]), dim=-1)
+        for result, probs, classes in zip(results, top.values.tolist(), top.indices.tolist(), strict=True):
+            result.tags = [Tag(self.concepts.labels[c], p) for p, c in zip(probs, classes, strict=True)]
+        return results
 
     def _generate(self, pixels: torch.Tensor, options: CaptionOptions) -> list[CaptionResult]:
         config = generation_config(options, self.model.generation_config)
         config.update(return_dict_in_generate=True, output_scores=True)  # scores for the candidates
+        inputs, concept_probs = self._generate_inputs(pixels.to(self.model.device))
         with _seeded(options.seed, self.model.device):
-            out = self.model.generate(pixel_values=pixels.to(self.model.device), generation_config=config)
+            out = self.model.generate(**inputs, generation_config=config)
         scores, lengths, generated = self._sequence_scores(out, config)
         tokens = [row[:length].tolist() for row, length in zip(generated, lengths.tolist(), strict=True)]
-        return self._results(tokens, scores, lengths, options)
+        return self._tagged(self._results(tokens, scores, lengths, options), concept_probs)
+
+    def _generate_inputs(self, pixels: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+        """generate's inputs; a concept head's encoder runs here, once, so its probabilities give tags."""
+        if self.concepts is None:
+            return {"pixel_values": pixels}, None
+        out = self.model.encoder(pixel_values=pixels)
+        states = BaseModelOutput(last_hidden_state=out.last_hidden_state)
+        return {"encoder_outputs": states}, out.concept_logits.float().softmax(dim=-1)
 
     def _results(self, tokens: list[list[int]], scores, lengths, options) -> list[CaptionResult]:
         texts = self.loaded.tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -172,6 +261,20 @@ class Captioner:
         )
         generated = out.sequences[:, -transition.shape[1] :]
         return (*sequence_log_probs(transition, generated, _eos_ids(config)), generated)
+
+
+def _concept_table(encoder_config) -> ConceptTable | None:
+    if not getattr(encoder_config, "concept_head", False):
+        return None
+    return load_concept_table(encoder_config.concept_table)
+
+
+def _group_by(items: Sequence, key) -> dict:
+    """{key: [positions of the items with that key]}, in first-seen order."""
+    groups: dict = {}
+    for position, item in enumerate(items):
+        groups.setdefault(key(item), []).append(position)
+    return groups
 
 
 def _results(

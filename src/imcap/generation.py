@@ -40,6 +40,9 @@ class CaptionOptions:
     no_repeat_ngram_size: int = 0
     num_return_sequences: int = 1
     seed: int | None = None  # sampling only: same seed, same captions
+    # models with a concept head (the shipped one): make the caption name a confident ImageNet concept
+    # it would otherwise miss, by constrained beam search (imcap.guidance); False decodes unguided
+    guide: bool = True
 
     def validate(self) -> CaptionOptions:
         """Raise OptionsError (one line) on the first bad setting; return self when all are fine."""

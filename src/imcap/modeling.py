@@ -41,6 +41,7 @@ from imcap.encoder import (
     EfficientNetLiteEncoderConfig,
 )
 from imcap.encoder import register as register_encoder
+from imcap.guidance import GuidanceSettings
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 HUB_HOST_TIMEOUT_S = 3.0
@@ -76,6 +77,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     image_processor: object
     name: str
+    # thresholds of guided decoding (imcap.guidance), for models with a concept head that have them saved
+    guidance: GuidanceSettings | None = None
 
 
 def image_processor_for(encoder_config: EfficientNetLiteEncoderConfig) -> ViTImageProcessorPil:
@@ -241,7 +244,8 @@ def _from_pretrained(
         or model.generation_config.pad_token_id is None
     ):
         set_special_tokens(model, tokenizer)  # hub checkpoints (e.g. vit-gpt2) often leave these unset
-    return LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, name=name)
+    guidance = GuidanceSettings.load(source) if Path(source).is_dir() else None
+    return LoadedModel(model, tokenizer, image_processor, name, guidance)
 
 
 def captioner_class(model_type: str | None) -> type[PreTrainedModel]:

@@ -1,0 +1,180 @@
+"""Choose a concept-head model's guidance thresholds on Flickr8k val, and save them with the model.
+
+    .venv/bin/python scripts/choose_guidance.py --model src/imcap/default_model --write
+
+Guided decoding (imcap.guidance) has two thresholds. Both are picked on val, never on the photos we
+judge naming with (the ImageNet sample, on which the head is over-confident: they were probably in its
+training set), and with a guard: a setting is allowed only if val CIDEr-D stays within `--tolerance` of
+the unguided captions' in the same run.
+
+1. Ruling words out: a table word qualifies for banning when the head rarely misses it, i.e. of the val
+   images whose references name it (>= `--min-images`), at most `--max-miss` have its probability below
+   the threshold. The largest threshold of the grid that passes the guard is kept.
+2. Naming: the smallest name threshold of the grid that passes the guard (with the bans above) is kept:
+   the lower it is, the more captions name a confident concept they would have missed.
+3. The guard (words ruled out of rewritten captions): the largest threshold of its grid that passes.
+
+`--placement` (start: the concept as the caption's subject; anywhere: constrained beam search places it)
+is a design choice, not searched here: benchmarks/bench_naming.py compares the two.
+
+The images are encoded once; each setting re-decodes them all. Prints a table and writes `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from imcap.captioner import Captioner
+from imcap.concepts import mentions
+from imcap.data import load_records
+from imcap.generation import CaptionOptions
+from imcap.guidance import GuidanceSettings, Guide
+from imcap.metrics import score_captions
+
+NAME_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+BAN_GRID = (0.01, 0.03, 0.1, 0.2, 0.3)
+GUARD_GRID = (0.01, 0.03, 0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="src/imcap/default_model")
+    parser.add_argument("--data", default="../shared/datasets/flickr8k")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--beams", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--tolerance", type=float, default=0.005, help="allowed val CIDEr-D loss")
+    parser.add_argument("--min-images", type=int, default=30)
+    parser.add_argument("--max-miss", type=float, default=0.03)
+    parser.add_argument("--placement", choices=("start", "anywhere"), default="start")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--write", action="store_true", help="save guidance.json in the model folder")
+    args = parser.parse_args()
+
+    started = time.time()
+    captioner = Captioner.from_pretrained(args.model)
+    if captioner.concepts is None:
+        raise SystemExit(f"{args.model} has no concept head: nothing to guide")
+    records = load_records(args.data, args.split)[: args.limit]
+    references = {str(r.image): list(r.captions) for r in records}
+    encoded = encode_all(captioner, [r.image for r in records])
+    options = CaptionOptions(num_beams=args.beams)
+    probe = Guide(captioner.concepts, GuidanceSettings(), captioner.loaded.tokenizer)
+    word_probs = torch.cat([probe.word_probabilities(e.concept_probs) for _, e in encoded])
+
+    def run(settings: GuidanceSettings | None) -> dict:
+        captioner.guide = None if settings is None else Guide(captioner.concepts, settings, probe.tokenizer)
+        captions = caption_all(captioner, encoded, options, guide=settings is not None)
+        scores = score_captions(captions, references, meteor=False)
+        changed = sum(captions[k] != unguided_captions[k] for k in captions) if settings else 0
+        return {
+            "CIDEr": scores["CIDEr"],
+            "BLEU-4": scores["BLEU-4"],
+            "changed": changed,
+            "captions": captions,
+        }
+
+    unguided_captions: dict[str, str] = {}
+    unguided = run(None)
+    unguided_captions.update(unguided["captions"])
+    floor = unguided["CIDEr"] - args.tolerance
+    rows = [{"setting": "unguided", **_short(unguided)}]
+
+    best_ban = GuidanceSettings(name_threshold=1.01, placement=args.placement)  # naming off for now
+    for threshold in BAN_GRID:
+        words = ban_words(probe, word_probs, references, threshold, args.min_images, args.max_miss)
+        if not words:
+            continue
+        settings = dataclasses.replace(best_ban, ban_threshold=threshold, ban_words=words)
+        result = run(settings)
+        rows.append({"setting": f"ban {threshold} {list(words)}", **_short(result)})
+        if result["CIDEr"] >= floor:
+            best_ban = settings
+    best = best_ban
+    for threshold in sorted(NAME_GRID, reverse=True):  # from strict to loose: keep the loosest that passes
+        settings = dataclasses.replace(best_ban, name_threshold=threshold)
+        result = run(settings)
+        fired = naming_precision(unguided_captions, result["captions"], references)
+        rows.append({"setting": f"name {threshold}", **_short(result), **fired})
+        if result["CIDEr"] >= floor:
+            best = settings
+    named = best
+    for threshold in GUARD_GRID:
+        settings = dataclasses.replace(named, guard_threshold=threshold)
+        result = run(settings)
+        rows.append({"setting": f"guard {threshold}", **_short(result)})
+        if result["CIDEr"] >= floor:
+            best = settings
+    chosen = dataclasses.replace(
+        best,
+        chosen_on=f"{args.split} of {args.data}, beam {args.beams}: CIDEr-D within {args.tolerance} "
+        "of unguided (scripts/choose_guidance.py)",
+    )
+    for row in rows:
+        print(json.dumps(row))
+    print("chosen:", json.dumps(dataclasses.asdict(chosen)), f"({time.time() - started:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "chosen": dataclasses.asdict(chosen)}, indent=2))
+    if args.write:
+        chosen.save(args.model)
+
+
+def encode_all(captioner: Captioner, images: list[Path], batch: int = 16) -> list:
+    encoded = []
+    for start in tqdm(range(0, len(images), batch), desc="encoding", leave=False):
+        paths = images[start : start + batch]
+        encoded.append((paths, captioner.encode(captioner.pixel_values(paths))))
+    return encoded
+
+
+def caption_all(captioner: Captioner, encoded: list, options: CaptionOptions, guide: bool) -> dict[str, str]:
+    options = dataclasses.replace(options, guide=guide)
+    captions = {}
+    for paths, batch in tqdm(encoded, desc="captioning", leave=False):
+        results = captioner.caption_encoded(batch, options)
+        captions.update((str(p), r.caption) for p, r in zip(paths, results, strict=True))
+    return captions
+
+
+def ban_words(guide: Guide, word_probs, references, threshold, min_images, max_miss) -> tuple[str, ...]:
+    """Table words that the head rarely misses on the val images whose references name them."""
+    refs = list(references.values())
+    words = []
+    for column, word in enumerate(guide.words):
+        named = [i for i, captions in enumerate(refs) if any(mentions(c, (word,)) for c in captions)]
+        if len(named) < min_images:
+            continue
+        missed = float((word_probs[named, column] < threshold).float().mean())
+        if missed <= max_miss:
+            words.append(word)
+    return tuple(words)
+
+
+def naming_precision(before: dict, after: dict, references: dict) -> dict:
+    """How often the rerun captions (those guidance changed) gained a word the references also use."""
+    changed = [k for k in after if after[k] != before[k]]
+    gained = 0
+    for key in changed:
+        new_words = set(_words(after[key])) - set(_words(before[key]))
+        ref_words = {w for caption in references[key] for w in _words(caption)}
+        gained += bool(new_words & ref_words)
+    return {"reruns_with_a_new_reference_word": f"{gained}/{len(changed)}"}
+
+
+def _words(text: str) -> list[str]:
+    return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+
+
+def _short(result: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "captions"}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Guided decoding: captions that name what the image classifier is sure of, and not what it rules out.
+
+A model with a concept head (imcap.encoder) gives ImageNet-1k probabilities per image. The concept table
+(imcap.concepts) maps each class to the word a caption would use (Siberian husky -> dog, espresso ->
+coffee); summed over the classes a word names (its own, and those listing it among their synonyms: "dog"
+for every breed), that gives a probability per caption word. Two rules use it, with thresholds
+chosen on Flickr8k val (`scripts/choose_guidance.py`) and saved with the model (`guidance.json`):
+
+- **name**: when a word is at least `name_threshold` probable and the unguided caption says neither it nor
+  a compatible word (a synonym or hypernym: "husky", "dog", "canine"), the image is decoded again with
+  lexically constrained beam search (imcap.guided) so that the caption contains the word or its plural
+  (Anderson et al. 2017). Images whose caption already names it keep the unguided tokens.
+- **rule out**: a word of `ban_words` (words the head recognises reliably, "dog" above all: Flickr8k's
+  favourite subject, said of kitchens and zebras) is banned from an image's caption when its probability
+  is below `ban_threshold`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from imcap.concepts import ConceptTable, load_concept_table, mentions, word_forms
+from imcap.guided import Constraint, word_continuations
+
+GUIDANCE_FILE = "guidance.json"
+PLACEMENTS = ("start", "anywhere")
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """The thresholds of the two rules (module docstring); saved in a model folder as guidance.json."""
+
+    name_threshold: float = 0.5
+    ban_threshold: float = 0.0  # 0 bans nothing
+    ban_words: tuple[str, ...] = ()
+    # where the named word goes: "start" makes it the caption's subject ("a cat ..."), the decoder writing
+    # the rest; "anywhere" lets constrained beam search place it
+    placement: str = "start"
+    # in a caption guidance rewrites, also rule out every concept word below this probability (words the
+    # decoder would otherwise bring from Flickr8k: "on a boat" beside a coffee cup); 0: off
+    guard_threshold: float = 0.0
+    chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(
+                f"guidance placement must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}"
+            )
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GuidanceSettings | None:
+        path = Path(folder) / GUIDANCE_FILE
+        if not path.exists():
+            return None
+        raw = json.loads(path.read_text())
+        return cls(**{**raw, "ban_words": tuple(raw.get("ban_words", ()))})
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / GUIDANCE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+@dataclass
+class Plan:
+    """What guidance asks of one image's caption."""
+
+    banned: tuple[str, ...] = ()  # words it must not contain
+    required: tuple[str, ...] = ()  # words it must contain (set after the unguided pass)
+    word_probs: dict[str, float] = field(default_factory=dict, repr=False)
+
+
+class Guide:
+    """The rules of the module docstring for one model: its concept table, thresholds and tokenizer."""
+
+    def __init__(self, table: ConceptTable, settings: GuidanceSettings, tokenizer):
+        self.table, self.settings, self.tokenizer = table, settings, tokenizer
+        self.words = sorted(set(table.words))  # the words a caption would use, one or more classes each
+        # a word is as probable as all the classes it names: "dog" sums every breed, "missile" both the
+        # missile and the projectile class (each lists "missile" among its synonyms)
+        self._names = torch.tensor(
+            [[word in synonyms for synonyms in table.synonyms] for word in self.words], dtype=torch.float32
+        )  # (W, 1000)
+        compatible: dict[str, set[str]] = {w: {w} for w in self.words}
+        for word, synonyms in zip(table.words, table.synonyms, strict=True):
+            compatible[word].update(synonyms)
+        self._compatible = {w: tuple(sorted(s)) for w, s in compatible.items()}
+        # tokens that would glue onto a forced word (" zebra" -> " zebrack"): the search keeps them off it
+        self.word_continuations = word_continuations(tokenizer)
+        # the guard bans only names the decoder can say in one token: those are the words it knows, and
+        # so the ones it brings unasked (a multi-token name is one it has rarely, if ever, seen)
+        names = {name for synonyms in self._compatible.values() for name in synonyms}
+        self._one_token_names = {name for name in names if len(self._ids(name)) == 1}
+
+    @classmethod
+    def for_model(cls, encoder_config, settings: GuidanceSettings | None, tokenizer) -> Guide | None:
+        """The model's guide, or None when it has no concept head (or no saved thresholds)."""
+        if settings is None or not getattr(encoder_config, "concept_head", False):
+            return None
+        return cls(load_concept_table(encoder_config.concept_table), settings, tokenizer)
+
+    def word_probabilities(self, concept_probs: torch.Tensor) -> torch.Tensor:
+        """(B, 1000) class probabilities -> (B, W) word probabilities (`self.words` order)."""
+        probs = concept_probs.float()
+        return (probs @ self._names.to(probs.device).T).clamp(max=1.0)
+
+    def plans(self, concept_probs: torch.Tensor) -> list[Plan]:
+        """The first pass's plan per image: which words are ruled out."""
+        word_probs = self.word_probabilities(concept_probs)
+        plans = []
+        for row in word_probs.tolist():
+            probs = dict(zip(self.words, row, strict=True))
+            banned = tuple(
+                w for w in self.settings.ban_words if probs.get(w, 1.0) < self.settings.ban_threshold
+            )
+            plans.append(Plan(banned=banned, word_probs=probs))
+        return plans
+
+    def missing_word(self, plan: Plan, caption: str) -> str | None:
+        """The most probable word over `name_threshold` that the caption does not name, if any."""
+        word, prob = max(plan.word_probs.items(), key=lambda item: item[1])
+        if prob < self.settings.name_threshold or mentions(caption, self._compatible[word]):
+            return None
+        return word
+
+    def guarded(self, plan: Plan) -> tuple[str, ...]:
+        """The words a rewritten caption must not use: the plan's bans, plus (with a guard threshold) every
+        word of the table the classifier gives less than it, but for those compatible with the named one."""
+        if not self.settings.guard_threshold:
+            return plan.banned
+        likely = [w for w, p in plan.word_probs.items() if p >= self.settings.guard_threshold]
+        keep = {name for word in [*plan.required, *likely] for name in self._compatible[word]}
+        unlikely = {
+            name
+            for word, p in plan.word_probs.items()
+            if p < self.settings.guard_threshold
+            for name in self._compatible[word]
+            if name not in keep and name in self._one_token_names
+        }
+        return tuple(sorted(set(plan.banned) | unlikely))
+
+    def prefix(self, word: str) -> tuple[int, ...]:
+        """Token ids of "a WORD" / "an WORD": the start of a caption about it."""
+        article = "an" if word[:1] in "aeiou" else "a"
+        return self._ids(f"{article} {word}")
+
+    def constraint(self, word: str) -> Constraint:
+        """The word or its plural, as token ids (a caption word always follows a space in our BPE)."""
+        return Constraint(tuple(self._ids(form) for form in word_forms(word)))
+
+    def bad_words_ids(self, words: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for word in words for form in word_forms(word) if (ids := self._ids(form))]
+
+    def _ids(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(" " + text, add_special_tokens=False)["input_ids"])

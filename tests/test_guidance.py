@@ -1,0 +1,154 @@
+"""Guidance: word probabilities from the concept head, the naming and ruling-out rules, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imcap.captioner import Captioner
+from imcap.concepts import load_concept_table, mentions
+from imcap.generation import CaptionOptions
+from imcap.guidance import GuidanceSettings, Guide, Plan
+from imcap.modeling import load_model, save_model
+
+from .conftest import build_tiny_model
+
+TABLE = load_concept_table()
+HUSKY, MALAMUTE, TABBY, ZEBRA = (
+    TABLE.wnids.index(w) for w in ("n02110185", "n02110063", "n02123045", "n02391049")
+)
+
+
+@pytest.fixture(scope="module")
+def guide() -> Guide:
+    tokenizer = load_model().tokenizer  # the shipped model's: real caption words
+    return Guide(
+        TABLE, GuidanceSettings(name_threshold=0.5, ban_threshold=0.1, ban_words=("dog",)), tokenizer
+    )
+
+
+def probs(**mass: float) -> torch.Tensor:
+    row = torch.zeros(1, len(TABLE))
+    for name, p in mass.items():
+        row[0, globals()[name.upper()]] = p
+    return row
+
+
+def word_prob(guide: Guide, row: torch.Tensor, word: str) -> float:
+    return float(guide.word_probabilities(row)[0, guide.words.index(word)])
+
+
+def test_a_word_sums_every_class_it_names(guide):
+    row = probs(husky=0.3, malamute=0.35, tabby=0.2)
+    assert word_prob(guide, row, "dog") == pytest.approx(0.65)
+    assert word_prob(guide, row, "cat") == pytest.approx(0.2)
+
+
+def test_naming_rule_fires_only_for_a_confident_word_the_caption_misses(guide):
+    [plan] = guide.plans(probs(husky=0.3, malamute=0.35))
+    assert plan.banned == ()
+    assert guide.missing_word(plan, "A man runs on the grass.") == "dog"
+    assert guide.missing_word(plan, "Two dogs run on the grass.") is None
+    assert guide.missing_word(plan, "A husky runs.") is None  # a compatible, more specific name
+    [unsure] = guide.plans(probs(husky=0.2, zebra=0.3))
+    assert guide.missing_word(unsure, "A man runs.") is None
+
+
+def test_dog_is_ruled_out_when_the_head_sees_none(guide):
+    [plan] = guide.plans(probs(zebra=0.9))
+    assert plan.banned == ("dog",)
+    ids = guide.bad_words_ids(plan.banned)
+    assert [guide.tokenizer.decode(i) for i in ids] == [" dog", " dogs"]
+
+
+def test_guard_rules_out_unlikely_concept_words_but_not_the_named_one(guide):
+    guarded = Guide(TABLE, dataclasses.replace(guide.settings, guard_threshold=0.05), guide.tokenizer)
+    [plan] = guarded.plans(probs(zebra=0.9, tabby=0.08))
+    plan.required = ("zebra",)
+    banned = guarded.guarded(plan)
+    assert {"dog", "ball", "car", "boat"} <= set(banned)
+    assert "zebra" not in banned and "cat" not in banned  # named, or likely enough
+
+
+def test_prefix_and_constraint_tokens(guide):
+    assert guide.tokenizer.decode(guide.prefix("cat")) == " a cat"
+    assert guide.tokenizer.decode(guide.prefix("insect")) == " an insect"
+    forms = {guide.tokenizer.decode(p) for p in guide.constraint("traffic light").phrases}
+    assert forms == {" traffic light", " traffic lights"}
+
+
+def test_settings_round_trip(tmp_path):
+    settings = GuidanceSettings(0.6, 0.2, ("dog",), "anywhere", 0.01, chosen_on="val")
+    settings.save(tmp_path)
+    assert GuidanceSettings.load(tmp_path) == settings
+    assert GuidanceSettings.load(tmp_path / "nothing") is None
+
+
+@pytest.fixture(scope="module")
+def cat_model_dir(tmp_path_factory):
+    """The tiny model with a concept head that is sure every photo shows a tabby (and never a dog)."""
+    folder = tmp_path_factory.mktemp("cat_model")
+    build_tiny_model(folder)
+    loaded = load_model(folder)
+    config = loaded.model.encoder.config
+    config.concept_head, config.concept_table = True, TABLE.name
+    model = type(loaded.model)(config=loaded.model.config)
+    model.load_state_dict(loaded.model.state_dict(), strict=False)
+    with torch.no_grad():
+        model.encoder.classifier.weight.zero_()
+        model.encoder.classifier.bias.zero_()
+        model.encoder.classifier.bias[TABBY] = 20.0
+    save_model(model.eval(), loaded.tokenizer, loaded.image_processor, folder)
+    return folder
+
+
+def noise(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(3)
+    return [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("placement", ["start", "anywhere"])
+def test_captioner_names_the_confident_concept(cat_model_dir, placement):
+    captioner = Captioner.from_pretrained(cat_model_dir)
+    assert captioner.guide is None  # no guidance.json: tags, but no guided decoding
+    captioner.guide = Guide(
+        TABLE, GuidanceSettings(0.5, 0.5, ("dog",), placement=placement), captioner.loaded.tokenizer
+    )
+    pictures = noise(3)
+    plain = captioner(pictures, CaptionOptions(guide=False, max_new_tokens=10))
+    guided = captioner(pictures, CaptionOptions(max_new_tokens=10))
+    for before, after in zip(plain, guided, strict=True):
+        assert after.tags[0].label == "tabby" and after.tags[0].score > 0.99
+        assert mentions(after.caption, ("cat",)) and not mentions(after.caption, ("dog",))
+        if placement == "start":
+            assert after.caption.startswith("A cat")
+        if mentions(before.caption, ("cat",)) and not mentions(before.caption, ("dog",)):
+            assert after.caption == before.caption  # nothing to change: the unguided tokens stay
+
+
+def test_guide_false_and_models_without_a_head_decode_unguided(cat_model_dir, tiny_model_dir):
+    captioner = Captioner.from_pretrained(cat_model_dir)
+    captioner.guide = Guide(TABLE, GuidanceSettings(0.5), captioner.loaded.tokenizer)
+    pictures = noise(2)
+    off = captioner(pictures, CaptionOptions(guide=False, max_new_tokens=10))
+    captioner.guide = None
+    assert [r.caption for r in off] == [
+        r.caption for r in captioner(pictures, CaptionOptions(max_new_tokens=10))
+    ]
+    headless = Captioner.from_pretrained(tiny_model_dir)
+    assert headless.guide is None and headless.concepts is None
+    assert headless(pictures)[0].tags == []
+
+
+def test_sampling_gets_tags_too(cat_model_dir):
+    captioner = Captioner.from_pretrained(cat_model_dir)
+    [result] = captioner(noise(1), CaptionOptions(num_beams=1, do_sample=True, seed=1, max_new_tokens=8))
+    assert result.tags[0].label == "tabby"
+
+
+def test_plan_defaults():
+    assert Plan().banned == () and Plan().required == ()
