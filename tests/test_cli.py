@@ -1,5 +1,7 @@
 """`imcap caption` in-process, with the shipped default model on the bundled example photos."""
 
+import json
+
 from typer.testing import CliRunner
 
 from imcap.cli import app
@@ -50,3 +52,20 @@ def test_missing_path_and_bad_options_fail_in_one_line(tmp_path):
         result = CliRunner().invoke(app, ["caption", *args])
         assert result.exit_code == 2
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+
+
+def test_tags_from_the_shipped_models_concept_head(tmp_path):
+    """`--tags K`: the shipped model's top K ImageNet labels with probabilities, most probable first."""
+    out = tmp_path / "tags.jsonl"
+    result = CliRunner().invoke(
+        app, ["caption", str(EXAMPLES / "chelsea.jpg"), "--tags", "5", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    scores = [tag["score"] for tag in row["tags"]]
+    assert len(row["tags"]) == 5 and all(tag["label"] and 0 < tag["score"] <= 1 for tag in row["tags"])
+    assert scores == sorted(scores, reverse=True) and row["settings"]["tags"] == 5
+    assert any(word in tag["label"].lower() for tag in row["tags"] for word in ("cat", "tabby"))
+    shown = CliRunner().invoke(app, ["caption", str(EXAMPLES / "chelsea.jpg"), "--tags", "2"])
+    [(_, caption, labels)] = [line.split("\t") for line in shown.stdout.splitlines()]
+    assert caption == row["caption"] and labels == ", ".join(tag["label"] for tag in row["tags"][:2])

@@ -7,6 +7,7 @@ import json
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from imcap.captioner import Captioner
+from imcap.captioner import Captioner, Tag
 from imcap.cli import app as cli_app
 from imcap.generation import CaptionOptions, OptionsError
 from imcap.images import decode_image
@@ -74,6 +75,23 @@ class Gate:
         return self.captioner(images, options)
 
 
+TAGS = [Tag(f"concept {i}", 0.5**i) for i in range(1, 9)]  # most probable first, like a concept head's
+
+
+class Tagging:
+    """Wraps a Captioner without a concept head (the tiny models): every result carries TAGS."""
+
+    def __init__(self, captioner: Captioner):
+        self.captioner, self.max_caption_tokens = captioner, captioner.max_caption_tokens
+
+    def __call__(self, images, options):
+        return [replace(result, tags=TAGS) for result in self.captioner(images, options)]
+
+
+def as_json(tags: list[Tag]) -> list[dict]:
+    return [{"label": t.label, "score": t.score} for t in tags]
+
+
 def wait_until(condition, what: str) -> None:
     event = threading.Event()
     for _ in range(3000):
@@ -99,6 +117,7 @@ def test_one_image_gets_the_same_caption_as_the_python_api(client, captioner):
     assert image["caption"] == expected.caption
     assert [c["text"] for c in image["candidates"]] == [c.text for c in expected.candidates]
     assert image["candidates"][0]["score"] == pytest.approx(expected.candidates[0].score, abs=1e-4)
+    assert image["tags"] == as_json(expected.tags[:5])  # none: the tiny model has no concept head
     assert image["timing"]["batch_images"] == 1 and image["timing"]["model_ms"] > 0
     assert body["timing"]["total_ms"] >= image["timing"]["model_ms"]
 
@@ -129,6 +148,39 @@ def test_options_as_json_part_equal_form_fields_and_give_scored_candidates(clien
     assert as_json.json()["settings"] == as_fields.json()["settings"] == CaptionOptions(**settings).to_dict()
 
 
+def test_each_image_lists_num_tags_tags_five_by_default(captioner):
+    with client_for({"tagging": Tagging(captioner)}) as client:
+        default = client.post("/v1/captions", files=files(png(1), png(2)), data=FORM)
+        two = client.post("/v1/captions", files=files(png(1)), data={**FORM, "num_tags": "2"})
+        none = client.post("/v1/captions", files=files(png(1)), data={"options": '{"num_tags": 0}'})
+    assert default.status_code == two.status_code == none.status_code == 200, default.text
+    assert [image["tags"] for image in default.json()["images"]] == [as_json(TAGS[:5])] * 2
+    assert two.json()["images"][0]["tags"] == as_json(TAGS[:2])
+    assert none.json()["images"][0]["tags"] == []
+    assert "num_tags" not in two.json()["settings"]  # settings are the CaptionOptions used
+
+
+def test_guide_is_an_option_like_the_others(client):
+    as_field = client.post("/v1/captions", files=files(png(1)), data={**FORM, "guide": "false"})
+    in_json = client.post("/v1/captions", files=files(png(1)), data={"options": '{"guide": false}'})
+    assert as_field.status_code == in_json.status_code == 200, as_field.text
+    assert as_field.json()["settings"]["guide"] is in_json.json()["settings"]["guide"] is False
+
+
+def test_the_shipped_model_tags_a_cat():
+    """End to end with the shipped model's concept head: labels with probabilities, most probable first."""
+    with client_for({"default": Captioner.from_pretrained()}) as client:
+        data = (EXAMPLES / "chelsea.jpg").read_bytes()
+        response = client.post(
+            "/v1/captions", files=files(data, names=["chelsea.jpg"]), data={"num_tags": "3"}
+        )
+    assert response.status_code == 200, response.text
+    tags = response.json()["images"][0]["tags"]
+    assert len(tags) == 3 and all(tag["label"] and 0 < tag["score"] <= 1 for tag in tags)
+    assert [tag["score"] for tag in tags] == sorted((tag["score"] for tag in tags), reverse=True)
+    assert any(word in tag["label"].lower() for tag in tags for word in ("cat", "tabby"))
+
+
 def test_seeded_sampling_is_reproducible_across_requests(client):
     form = {**FORM, "num_beams": "1", "do_sample": "true", "seed": "3", "temperature": "1.5"}
     first = client.post("/v1/captions", files=files(png(1), png(2)), data=form).json()["images"]
@@ -148,6 +200,7 @@ def test_models_health_and_offline_docs(client, captioner):
     schema = client.get("/openapi.json").json()["paths"]["/v1/captions"]["post"]["requestBody"]
     fields = schema["content"]["multipart/form-data"]["schema"]["properties"]
     assert fields["images"]["items"]["format"] == "binary" and fields["num_beams"]["default"] == 3
+    assert fields["num_tags"] == {**fields["num_tags"], "default": 5, "minimum": 0, "maximum": 20}
 
 
 def test_two_models_are_picked_by_id(captioner, tiny_model_dir):
@@ -203,6 +256,12 @@ def test_bad_settings_get_422_with_the_clis_message(client, fields):
         ({"options": '{"beam": 3}'}, 422, "in options: unknown field 'beam'"),
         ({"options": '{"num_beams": 3}', "num_beams": "3"}, 422, "num_beams given twice"),
         ({"num_beams": ["2", "3"]}, 422, "num_beams given 2 times"),
+        ({"num_tags": "21"}, 422, "num_tags must be in 0..20, got 21"),
+        ({"num_tags": "-1"}, 422, "num_tags must be in 0..20, got -1"),
+        ({"num_tags": "some"}, 422, "num_tags must be a whole number, got 'some'"),
+        ({"options": '{"num_tags": true}'}, 422, "num_tags must be a whole number, got True"),
+        ({"options": '{"num_tags": 3}', "num_tags": "3"}, 422, "num_tags given twice"),
+        ({"tags": "3"}, 422, "unknown field 'tags' (did you mean 'num_tags'?)"),
     ],
 )
 def test_each_bad_field_gets_its_own_message(client, data, status, message):
@@ -411,6 +470,25 @@ def test_page_handler_ignores_sampling_sliders_unless_sampling(captioner, tmp_pa
         for p, r in zip(paths, expected, strict=True)
         for rank, c in enumerate(r.candidates, 1)
     ]
+
+
+def test_page_shows_each_photos_top_five_tags_under_its_captions(captioner, tmp_path):
+    from imcap.serving.ui import caption_handler
+
+    path = tmp_path / "a.png"
+    path.write_bytes(png(1))
+    tagging = Tagging(captioner)
+    batcher = Batcher({"tagging": tagging})
+    try:
+        handler = caption_handler(batcher, {"tagging": tagging}, ServeSettings(ui=True))
+        _, rows = handler([(str(path), None)], "tagging", 6, 2, False, 1.0, 0, 1.0, 2)
+    finally:
+        batcher.close()
+    assert [row[1] for row in rows] == [1, 2, ""]  # two captions, then the tags
+    assert (
+        rows[2][2]
+        == "tags: concept 1 0.50 · concept 2 0.25 · concept 3 0.12 · concept 4 0.06 · concept 5 0.03"
+    )
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from imcap.batch import caption_files, find_images
+from imcap.captioner import MAX_TAGS
 from imcap.generation import CaptionOptions
 from imcap.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 from imcap.writers import DEFAULT_SIDECAR, OutputError, check_outputs, get_writer
@@ -101,6 +102,12 @@ def caption(
     ] = DEFAULT_SIDECAR,
     prefix: Annotated[str, _output("--prefix", help="Text put before every caption, as is.")] = "",
     suffix: Annotated[str, _output("--suffix", help="Text put after every caption, as is.")] = "",
+    tags: Annotated[
+        int,
+        _output(
+            "--tags", help=f"Add each image's top K ImageNet tags (0-{MAX_TAGS}; models with a concept head)."
+        ),
+    ] = 0,
     overwrite: Annotated[
         bool, _output("--overwrite", help="Caption all again, replacing earlier results.")
     ] = False,
@@ -132,6 +139,13 @@ def caption(
         int, _decoding("--num-captions", "Captions per image (beams or samples).")
     ] = _DEFAULT.num_return_sequences,
     seed: Annotated[int | None, _decoding("--seed", "Makes sampling reproducible.")] = None,
+    no_guide: Annotated[
+        bool,
+        _decoding(
+            "--no-guide",
+            "Don't steer captions toward confident ImageNet concepts (models with a concept head).",
+        ),
+    ] = False,
     threads: ThreadsOption = None,
     onnx_encoder: OnnxOption = False,
     int8_decoder: Int8Option = False,
@@ -160,9 +174,10 @@ def caption(
         no_repeat_ngram_size=no_repeat_ngram_size,
         num_return_sequences=num_captions,
         seed=seed,
+        guide=not no_guide,
     )
     sidecar_extension = sidecar_ext if sidecar else None
-    _check_numbers(batch_size, max_pixels)
+    _check_numbers(batch_size, max_pixels, tags)
     engine, use_engine = _speed_settings(threads, onnx_encoder, int8_decoder, plain_generate)
     try:  # everything that can be checked without the model first
         options.validate()
@@ -176,7 +191,7 @@ def caption(
         check_fits(options, captioner.max_caption_tokens)
         settings = {**options.to_dict(), "prefix": prefix, "suffix": suffix}
         writer = get_writer(
-            output, sidecar_extension, model=captioner.name, settings=settings, overwrite=overwrite
+            output, sidecar_extension, model=captioner.name, settings=settings, overwrite=overwrite, tags=tags
         )
     except OptionsError as error:
         _fail(_as_flags(str(error)))
@@ -213,11 +228,13 @@ def _as_flags(message: str) -> str:
     return re.sub(rf"\b({names})\b", flag, message)
 
 
-def _check_numbers(batch_size: int, max_pixels: int) -> None:
+def _check_numbers(batch_size: int, max_pixels: int, tags: int) -> None:
     if batch_size < 1:
         _fail(f"--batch-size must be >= 1, got {batch_size}")
     if max_pixels < 0:
         _fail(f"--max-pixels must be >= 0 (0: no limit), got {max_pixels}")
+    if not 0 <= tags <= MAX_TAGS:
+        _fail(f"--tags must be in 0..{MAX_TAGS} (0: no tags), got {tags}")
 
 
 @app.command("eval")

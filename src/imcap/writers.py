@@ -1,5 +1,10 @@
 """Where captions go: JSONL or CSV rows, sidecar text files, or `path<TAB>caption` lines on stdout.
 
+With `tags=K` (`imcap caption --tags K`) each output also gets the image's top K ImageNet tags: a `tags`
+list in JSONL, a `tags` column in CSV (`tabby:0.8123, tiger cat:0.1021`), `, tabby, tiger cat` after each
+sidecar caption (the kohya / taggui convention) and a third column on stdout. K is part of a row file's
+settings, so resuming a file made with another K is refused like any other change of settings.
+
 Every output resumes: rerunning the same command after a crash or Ctrl-C captions only the images that
 have no result yet. JSONL and CSV files get one row per image, appended a whole batch at a time with
 flush + fsync (a kill can only leave a partial last line, which the next run cuts off); sidecar files are
@@ -19,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from imcap.captioner import CaptionResult
+from imcap.captioner import CaptionResult, Tag
 from imcap.images import IMAGE_SUFFIXES
 
 DEFAULT_SIDECAR = ".txt"  # photo.jpg -> photo.txt, as kohya's scripts and taggui expect
@@ -29,24 +34,36 @@ class OutputError(ValueError):
     """An output that cannot be written or resumed; the message is one line saying what to do."""
 
 
-def row_dict(path: str, result: CaptionResult, model: str, settings: dict) -> dict:
-    """One output row: the image, its best caption and score, every candidate, the model and settings."""
-    return {
+def row_dict(path: str, result: CaptionResult, model: str, settings: dict, tags: int = 0) -> dict:
+    """One output row: the image, its best caption and score, every candidate, its top `tags` tags
+    (only when tags > 0), the model and settings."""
+    row = {
         "path": path,
         "caption": result.caption,
         "score": _score(result.candidates[0].score),
         "candidates": [{"caption": c.text, "score": _score(c.score)} for c in result.candidates],
-        "model": model,
-        "settings": settings,
     }
+    if tags:
+        row["tags"] = [{"label": t.label, "score": _score(t.score)} for t in result.tags[:tags]]
+    return {**row, "model": model, "settings": settings}
 
 
 def _score(value: float) -> float | None:
     return round(value, 4) if math.isfinite(value) else None  # JSON has no -inf
 
 
+def tag_labels(tags: Sequence[Tag], lower: bool = False) -> str:
+    """Tags as taggers write them: `tabby, tiger cat`."""
+    return ", ".join(t.label.lower() if lower else t.label for t in tags)
+
+
 class Writer:
-    """Where captions go. `is_done` tells which images an earlier run finished; `write` takes one batch."""
+    """Where captions go. `is_done` tells which images an earlier run finished; `write` takes one batch.
+
+    `tags` is how many of each result's tags to write (0: none, and the output is as without tags).
+    """
+
+    tags: int = 0
 
     def is_done(self, image: Path) -> bool:
         return False
@@ -67,8 +84,10 @@ class Writer:
 class RowFileWriter(Writer):
     """Rows in one file, appended a batch per write; reopening it resumes after its last complete row."""
 
-    def __init__(self, path: Path, model: str, settings: dict, overwrite: bool = False):
-        self.path, self.model, self.settings = Path(path), model, settings
+    def __init__(self, path: Path, model: str, settings: dict, overwrite: bool = False, tags: int = 0):
+        self.path, self.model, self.tags = Path(path), model, tags
+        # K joins the settings each row records, so that resuming with another K counts as a change
+        self.settings = {**settings, "tags": tags} if tags else settings
         rows = [] if overwrite or not self.path.exists() else self._recover()
         self._check_same_run(rows)
         self._done = {os.path.abspath(row["path"]) for row in rows}
@@ -90,7 +109,9 @@ class RowFileWriter(Writer):
         return os.path.abspath(image) in self._done
 
     def write(self, rows: list[tuple[str, CaptionResult]]) -> None:
-        self._append("".join(self.encode(row_dict(path, r, self.model, self.settings)) for path, r in rows))
+        self._append(
+            "".join(self.encode(row_dict(path, r, self.model, self.settings, self.tags)) for path, r in rows)
+        )
 
     def close(self) -> None:
         self._file.close()
@@ -159,16 +180,24 @@ class JsonlWriter(RowFileWriter):
 
 class CsvWriter(RowFileWriter):
     COLUMNS = ["path", "caption", "score", "candidates", "model", "settings"]
+    TAGGED_COLUMNS = ["path", "caption", "score", "candidates", "tags", "model", "settings"]  # --tags K
     JSON_COLUMNS = {"candidates", "settings"}  # nested values, JSON-encoded in their cell
+    _found_columns: list[str] | None = None  # the header of the file being resumed, if any
+
+    @property
+    def columns(self) -> list[str]:
+        return self.TAGGED_COLUMNS if self.tags else self.COLUMNS
 
     def header(self) -> str:
-        return self._line(self.COLUMNS)
+        return self._line(self.columns)
 
     def encode(self, row: dict) -> str:
+        if self.tags:  # one cell, as taggers write it: `tabby:0.8123, tiger cat:0.1021`
+            row = {**row, "tags": ", ".join(f"{t['label']}:{t['score']}" for t in row["tags"])}
         return self._line(
             [
                 json.dumps(row[c], ensure_ascii=False) if c in self.JSON_COLUMNS else row[c]
-                for c in self.COLUMNS
+                for c in self.columns
             ]
         )
 
@@ -177,16 +206,24 @@ class CsvWriter(RowFileWriter):
             return []
         reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
-        if header != self.COLUMNS:
-            raise ValueError(f"its columns are {header}, not {self.COLUMNS}")
-        rows = []
+        if header not in (self.COLUMNS, self.TAGGED_COLUMNS):
+            raise ValueError(f"its columns are {header}, not {self.columns}")
+        self._found_columns, rows = header, []
         for number, cells in enumerate(reader, 2):
-            if len(cells) != len(self.COLUMNS):
+            if len(cells) != len(header):
                 raise ValueError(f"row {number} has {len(cells)} columns")
-            row = dict(zip(self.COLUMNS, cells, strict=True))
+            row = dict(zip(header, cells, strict=True))
             row.update((c, json.loads(row[c])) for c in self.JSON_COLUMNS)
             rows.append(_check_row(row, f"row {number}"))
         return rows
+
+    def _check_same_run(self, rows: list[dict]) -> None:
+        super()._check_same_run(rows)  # a file of rows made with another --tags stops here
+        if self._found_columns not in (None, self.columns):  # a header without rows under it
+            raise OutputError(
+                f"{self.path} has the columns of a run {'without' if self.tags else 'with'} --tags; "
+                "pass --overwrite to replace it or choose another output file"
+            )
 
     @staticmethod
     def _line(cells: list) -> str:
@@ -203,10 +240,14 @@ def _check_row(row: object, where: str) -> dict:
 
 
 class SidecarWriter(Writer):
-    """photo.jpg -> photo.txt next to it, one caption per line; an existing sidecar means done."""
+    """photo.jpg -> photo.txt next to it, one caption per line; an existing sidecar means done.
 
-    def __init__(self, extension: str = DEFAULT_SIDECAR, overwrite: bool = False):
+    With tags each line is `caption, tag1, tag2, ...`, labels lowercased (kohya / taggui captions).
+    """
+
+    def __init__(self, extension: str = DEFAULT_SIDECAR, overwrite: bool = False, tags: int = 0):
         self.extension, self.overwrite = check_sidecar_extension(extension), overwrite
+        self.tags = tags
 
     def sidecar(self, image: Path) -> Path:
         return Path(image).with_suffix(self.extension)
@@ -216,19 +257,24 @@ class SidecarWriter(Writer):
 
     def write(self, rows: list[tuple[str, CaptionResult]]) -> None:
         for path, result in rows:
-            write_atomic(self.sidecar(Path(path)), "\n".join(c.text for c in result.candidates))
+            labels = tag_labels(result.tags[: self.tags], lower=True) if self.tags else ""
+            # "a dog runs., husky" would split a tag list oddly: the caption's full stop goes first
+            lines = [f"{c.text.rstrip('.')}, {labels}" if labels else c.text for c in result.candidates]
+            write_atomic(self.sidecar(Path(path)), "\n".join(lines))
 
 
 class StdoutWriter(Writer):
-    """`path<TAB>caption` lines (one per candidate) on a stream; nothing to resume."""
+    """`path<TAB>caption` lines (one per candidate) on a stream, `path<TAB>caption<TAB>tag1, tag2` with
+    tags; nothing to resume."""
 
-    def __init__(self, stream: TextIO | None = None):
-        self.stream = stream or sys.stdout
+    def __init__(self, stream: TextIO | None = None, tags: int = 0):
+        self.stream, self.tags = stream or sys.stdout, tags
 
     def write(self, rows: list[tuple[str, CaptionResult]]) -> None:
         for path, result in rows:
+            labels = f"\t{tag_labels(result.tags[: self.tags])}" if self.tags else ""
             for candidate in result.candidates:
-                self.stream.write(f"{path}\t{candidate.text}\n")
+                self.stream.write(f"{path}\t{candidate.text}{labels}\n")
         self.stream.flush()
 
 
@@ -242,17 +288,19 @@ def get_writer(
     model: str = "",
     settings: dict | None = None,
     overwrite: bool = False,
+    tags: int = 0,
 ) -> Writer:
-    """The writer for `--output FILE` (by its suffix), `--sidecar EXT`, or stdout when neither is given.
+    """The writer for `--output FILE` (by its suffix), `--sidecar EXT`, or stdout when neither is given;
+    `tags`: how many of each image's tags to write.
 
     Opening a JSONL or CSV file that exists resumes it (unless `overwrite`): see RowFileWriter.
     """
     _check_choice(output, sidecar)
     if sidecar is not None:
-        return SidecarWriter(sidecar, overwrite)
+        return SidecarWriter(sidecar, overwrite, tags)
     if output is None:
-        return StdoutWriter()
-    return WRITERS[Path(output).suffix.lower()](Path(output), model, settings or {}, overwrite)
+        return StdoutWriter(tags=tags)
+    return WRITERS[Path(output).suffix.lower()](Path(output), model, settings or {}, overwrite, tags)
 
 
 def check_outputs(images: Sequence[Path], output: Path | None, sidecar: str | None) -> None:

@@ -143,6 +143,9 @@ def _response(
             "height": size[1],
             "caption": item.result.caption,
             "candidates": [{"text": c.text, "score": c.score} for c in item.result.candidates],
+            "tags": [
+                {"label": t.label, "score": t.score} for t in item.result.tags[: caption_request.num_tags]
+            ],
             "timing": {
                 "queue_ms": round(item.queued_s * 1000, 1),
                 "model_ms": round(item.model_s * 1000, 1),

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from imcap.captioner import MAX_TAGS
 from imcap.generation import CaptionOptions
-from imcap.serving.uploads import IMAGES_FIELD, MODEL_FIELD, OPTION_TYPES, OPTIONS_FIELD
+from imcap.serving.uploads import (
+    DEFAULT_NUM_TAGS,
+    IMAGES_FIELD,
+    MODEL_FIELD,
+    NUM_TAGS_FIELD,
+    OPTION_TYPES,
+    OPTIONS_FIELD,
+)
 
 
 class CandidateOut(BaseModel):
     text: str
     score: float = Field(description="log-probability of the caption's tokens (higher is likelier)")
+
+
+class TagOut(BaseModel):
+    label: str = Field(description="an ImageNet class, e.g. 'tabby'")
+    score: float = Field(description="its probability under the model's concept head, 0..1")
 
 
 class ImageTiming(BaseModel):
@@ -25,6 +38,10 @@ class ImageOut(BaseModel):
     height: int
     caption: str = Field(description="the best candidate's text")
     candidates: list[CandidateOut] = Field(description="best first; num_return_sequences of them")
+    tags: list[TagOut] = Field(
+        description="the top ImageNet concepts, most probable first; up to num_tags of them "
+        "(none for models without a concept head)"
+    )
     timing: ImageTiming
 
 
@@ -76,6 +93,13 @@ def caption_form_schema() -> dict:
             "description": 'the settings below as one JSON object instead, e.g. {"num_beams": 5}',
         },
         **options,
+        NUM_TAGS_FIELD: {
+            "type": "integer",
+            "default": DEFAULT_NUM_TAGS,
+            "minimum": 0,
+            "maximum": MAX_TAGS,
+            "description": "how many ImageNet tags to list per image (models with a concept head)",
+        },
     }
     schema = {"type": "object", "required": [IMAGES_FIELD], "properties": properties}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}

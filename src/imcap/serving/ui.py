@@ -16,7 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
-from imcap.captioner import Captioner  # noqa: E402
+from imcap.captioner import Captioner, CaptionResult  # noqa: E402
 from imcap.generation import CaptionOptions, OptionsError, check_fits  # noqa: E402
 from imcap.serving.queue import Batcher, QueueFull  # noqa: E402
 from imcap.serving.settings import ServeSettings  # noqa: E402
@@ -27,6 +27,7 @@ SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica",
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
 CACHE_CLEANUP = (600, 600)  # every 10 min, delete uploads older than 10 min from Gradio's temp folder
 TABLE_HEADERS = ["photo", "#", "caption", "score"]
+UI_TAGS = 5  # a photo's top tags, shown in a row under its captions
 _DEFAULT = CaptionOptions()
 
 
@@ -138,14 +139,19 @@ def caption_handler(
                 future.cancel()
             raise gr.Error("Timed out waiting for the model; try again.") from None
         gallery = [(str(path), item.result.caption) for path, item in zip(paths, done, strict=True)]
-        rows = [
-            [path.name, rank, candidate.text, round(candidate.score, 3)]
-            for path, item in zip(paths, done, strict=True)
-            for rank, candidate in enumerate(item.result.candidates, start=1)
-        ]
+        rows = [row for path, item in zip(paths, done, strict=True) for row in _rows(path.name, item.result)]
         return gallery, rows
 
     return caption
+
+
+def _rows(name: str, result: CaptionResult) -> list[list]:
+    """A photo's table rows: each candidate with its score, then `tags: tabby 0.81 · tiger cat 0.10 · ...`."""
+    rows = [[name, rank, c.text, round(c.score, 3)] for rank, c in enumerate(result.candidates, start=1)]
+    if result.tags:  # models without a concept head have none
+        tags = " · ".join(f"{t.label} {t.score:.2f}" for t in result.tags[:UI_TAGS])
+        rows.append([name, "", f"tags: {tags}", ""])
+    return rows
 
 
 def _options(max_length, beams, sample, temperature, top_k, top_p, count) -> CaptionOptions:

@@ -1,4 +1,5 @@
-"""What a caption request carries, read and checked: the model, the CaptionOptions, the image files.
+"""What a caption request carries, read and checked: the model, the CaptionOptions, how many tags to
+list, the image files.
 
 Pure functions over an already parsed form, raising RequestError(status, one-line message): 400 for a
 body that is not a proper upload, 413 for one over a limit, 422 for settings or images that cannot be used.
@@ -15,6 +16,7 @@ from dataclasses import dataclass, fields
 from PIL import Image
 from starlette.datastructures import FormData, UploadFile
 
+from imcap.captioner import MAX_TAGS
 from imcap.generation import CaptionOptions, OptionsError, check_fits
 from imcap.images import ImageLoadError, decode_image
 from imcap.serving.settings import ServeSettings
@@ -23,6 +25,11 @@ IMAGES_FIELD = "images"
 OPTIONS_FIELD = "options"  # a JSON object of CaptionOptions fields, as one form part
 MODEL_FIELD = "model"
 OPTION_TYPES = {field.name: field.type for field in fields(CaptionOptions)}  # name -> "int", "float", ...
+# how many of each image's tags the answer lists: a setting of the answer, not of decoding, so not a
+# CaptionOptions field; sent like one (a form field or a key of the options JSON)
+NUM_TAGS_FIELD = "num_tags"
+DEFAULT_NUM_TAGS = 5
+SETTING_TYPES = {**OPTION_TYPES, NUM_TAGS_FIELD: "int"}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 _MAX_OPTIONS_JSON_BYTES = 64 * 1024
 # The model sees 260 px; a decoded photo waits in the queue at most this size on its longer side, so a
@@ -49,25 +56,26 @@ class CaptionRequest:
     model: str
     options: CaptionOptions
     uploads: list[Upload]
+    num_tags: int = DEFAULT_NUM_TAGS  # each image's answer lists its top num_tags tags
 
 
 async def read_caption_request(
     form: FormData, settings: ServeSettings, max_tokens: Mapping[str, int | None], default_model: str
 ) -> CaptionRequest:
     """Check a parsed multipart form; `max_tokens` maps each loaded model to its longest caption."""
-    unknown = sorted(set(form.keys()) - {IMAGES_FIELD, OPTIONS_FIELD, MODEL_FIELD} - set(OPTION_TYPES))
+    unknown = sorted(set(form.keys()) - {IMAGES_FIELD, OPTIONS_FIELD, MODEL_FIELD} - set(SETTING_TYPES))
     if unknown:
         raise RequestError(422, _unknown_field_message(unknown[0]))
     model = _single_text(form, MODEL_FIELD) or default_model
     if model not in max_tokens:
         raise RequestError(422, f"unknown model {model!r}; loaded: {', '.join(max_tokens)}")
-    options = await _options(form)
+    options, num_tags = await _settings(form)
     _check_options(options, settings, max_tokens[model])
-    return CaptionRequest(model, options, await _uploads(form, settings))
+    return CaptionRequest(model, options, await _uploads(form, settings), num_tags)
 
 
 def _unknown_field_message(name: str) -> str:
-    known = [IMAGES_FIELD, OPTIONS_FIELD, MODEL_FIELD, *OPTION_TYPES]
+    known = [IMAGES_FIELD, OPTIONS_FIELD, MODEL_FIELD, *SETTING_TYPES]
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else f"; fields: {', '.join(known)}"
     return f"unknown field {name!r}{hint}"
@@ -82,17 +90,29 @@ def _single_text(form: FormData, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def _options(form: FormData) -> CaptionOptions:
-    """Options from form fields (text, converted by type) and/or one JSON part; each given once."""
-    values = {name: _from_text(name, text) for name in OPTION_TYPES if (text := _single_text(form, name))}
+async def _settings(form: FormData) -> tuple[CaptionOptions, int]:
+    """Options and num_tags from form fields (text, converted by type) and/or one JSON part; each given
+    once."""
+    values = {name: _from_text(name, text) for name in SETTING_TYPES if (text := _single_text(form, name))}
     from_json = await _options_json(form)
     twice = sorted(set(values) & set(from_json))
     if twice:
         raise RequestError(422, f"{twice[0]} given twice: as a form field and in the options JSON")
+    values |= from_json
+    num_tags = values.pop(NUM_TAGS_FIELD, DEFAULT_NUM_TAGS)
     try:
-        return CaptionOptions(**values, **from_json).validate()  # JSON values are type-checked here
+        options = CaptionOptions(**values).validate()  # JSON values are type-checked here
     except OptionsError as error:
         raise RequestError(422, str(error)) from error
+    return options, _checked_num_tags(num_tags)
+
+
+def _checked_num_tags(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RequestError(422, f"{NUM_TAGS_FIELD} must be a whole number, got {value!r}")
+    if not 0 <= value <= MAX_TAGS:
+        raise RequestError(422, f"{NUM_TAGS_FIELD} must be in 0..{MAX_TAGS}, got {value}")
+    return value
 
 
 async def _options_json(form: FormData) -> dict:
@@ -111,15 +131,15 @@ async def _options_json(form: FormData) -> dict:
         raise RequestError(400, f"{OPTIONS_FIELD} is not valid JSON: {error}") from error
     if not isinstance(values, dict):
         raise RequestError(422, f'{OPTIONS_FIELD} must be a JSON object, e.g. {{"num_beams": 5}}')
-    unknown = sorted(set(values) - set(OPTION_TYPES))
+    unknown = sorted(set(values) - set(SETTING_TYPES))
     if unknown:
         raise RequestError(422, f"in {OPTIONS_FIELD}: {_unknown_field_message(unknown[0])}")
     return values
 
 
 def _from_text(name: str, text: str) -> int | float | bool | None:
-    """A form field's text as the option's type; the messages match CaptionOptions.validate's."""
-    kind, text = OPTION_TYPES[name], text.strip()
+    """A form field's text as the setting's type; the messages match CaptionOptions.validate's."""
+    kind, text = SETTING_TYPES[name], text.strip()
     try:
         if name == "seed":
             return None if text.lower() in ("", "none", "null") else int(text)
