@@ -3,7 +3,8 @@
 #   scripts/install.sh         the package (enough to caption images)
 #   scripts/install.sh --serve plus the web UI and REST API (`imcap serve`)
 #   scripts/install.sh --dev   plus training, metrics, serving and test tools, Java (METEOR and the PTB
-#                              tokenizer) and Chromium (the browser test of the web UI)
+#                              tokenizer), Chromium (the browser test of the web UI) and WordNet 3.0
+#                              (the concept table's builder, benchmarks/bench_naming.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,10 @@ if [ "${1:-}" = "--dev" ]; then
   if ! command -v java >/dev/null; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -qq && $sudo apt-get install -y -qq default-jre-headless >/dev/null
+  fi
+  if [ ! -f /usr/share/wordnet/data.noun ]; then  # WordNet 3.0: the concept table's builder and its test
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null
   fi
   if [ ! -x /usr/bin/chromium ]; then  # Debian's build: Playwright's own browser download needs internet
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

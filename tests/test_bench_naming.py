@@ -1,0 +1,74 @@
+"""benchmarks/bench_naming.py: its scores on hand-made captions, and a short run on the shipped model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from imcap.wordnet import WORDNET_DIR
+
+from .conftest import REPO, SHARED_FLICKR8K
+
+IMAGENET_SAMPLE = SHARED_FLICKR8K.parent / "imagenet-sample"
+needs_wordnet = pytest.mark.skipif(
+    not (WORDNET_DIR / "data.noun").is_file(),
+    reason="WordNet 3.0 not installed (apt-get install wordnet-base)",
+)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_naming", REPO / "benchmarks" / "bench_naming.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_scores_on_hand_made_captions(bench):
+    tabby = bench.Photo("n02123045.jpg", 281, "n02123045", "tabby")
+    zebra = bench.Photo("n02391049.jpg", 340, "n02391049", "zebra")
+    cat_words = ["tabby", "tabby cat", "domestic cat", "house cat", "cat", "feline"]
+    rows = [
+        bench.score(tabby, "a cat sits on a couch", cat_words, dog_class=False),
+        bench.score(zebra, "a dog runs", ["zebra"], dog_class=False),
+        bench.score(zebra, None, ["zebra"], dog_class=False),  # unreadable photo: a miss
+    ]
+    assert [(row.named, row.says_dog) for row in rows] == [(True, False), (False, True), (False, False)]
+    summary = bench.summarize(rows)
+    assert (summary["named"], summary["dog_on_non_dog"], summary["non_dog_classes"]) == (1, 1, 3)
+    assert summary["failed"] == 1 and summary["dog_on_non_dog_share"] == pytest.approx(1 / 3)
+
+
+@needs_wordnet
+def test_naming_words_come_from_wordnet_without_generic_ones(bench):
+    from imcap.wordnet import read_noun_synsets
+
+    wordnet = read_noun_synsets()
+    words = bench.naming_words(wordnet, "n02123045")  # tabby
+    assert words[:2] == ["tabby", "tabby cat"] and {"domestic cat", "cat", "feline", "carnivore"} <= set(
+        words
+    )
+    assert not {"animal", "organism", "object", "entity", "mammal"} & set(words)
+    assert bench.is_dog(wordnet, "n02110185") and not bench.is_dog(wordnet, "n02391049")  # husky, zebra
+    puppy_on_zebra = bench.score(
+        bench.Photo("z.jpg", 340, "n02391049", "zebra"), "Two puppies.", words, False
+    )
+    assert puppy_on_zebra.says_dog and not puppy_on_zebra.named
+
+
+@needs_wordnet
+@pytest.mark.skipif(not (IMAGENET_SAMPLE / "labels.tsv").is_file(), reason="needs the shared ImageNet sample")
+def test_main_captions_a_few_photos_with_the_shipped_model(bench, tmp_path, capsys):
+    out = tmp_path / "naming.json"
+    assert bench.main(["--data", str(IMAGENET_SAMPLE), "--limit", "5", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "named: " in printed and "dog on non-dog: " in printed and "generic (not counted" in printed
+    result = json.loads(out.read_text())
+    assert [row["index"] for row in result["rows"]] == [0, 1, 2, 3, 4]
+    assert all(row["caption"] for row in result["rows"]) and result["options"]["guide"] is True
+    assert result["summary"]["photos"] == 5 and len(result["misses"]) == 5 - result["summary"]["named"]
