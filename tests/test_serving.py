@@ -502,3 +502,10 @@ def test_page_shows_each_photos_top_five_tags_under_its_captions(captioner, tmp_
 def test_serve_command_fails_at_once_on_bad_settings(args, message):
     result = CliRunner().invoke(cli_app, ["serve", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_page_guide_checkbox_maps_to_the_option():
+    from imcap.serving.ui import _options
+
+    assert _options(24, 3, False, 1.0, 0, 1.0, 1).guide is True
+    assert _options(24, 3, False, 1.0, 0, 1.0, 1, False).guide is False

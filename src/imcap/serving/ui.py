@@ -81,6 +81,7 @@ def build_ui(batcher: Batcher, captioners: Mapping[str, Captioner], settings: Se
                 top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k (0: off)", interactive=False)
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", interactive=False)
                 count = gr.Slider(1, settings.max_beams, value=1, step=1, label="Captions per photo")
+                guide = gr.Checkbox(value=True, label="Name what the classifier sees (guided captions)")
                 button = gr.Button("Caption", variant="primary")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(
@@ -100,7 +101,7 @@ def build_ui(batcher: Batcher, captioners: Mapping[str, Captioner], settings: Se
                 )
         _examples(photos, settings.examples_dir)
         sample.change(lambda on: [gr.update(interactive=on)] * 3, sample, [temperature, top_k, top_p])
-        inputs = [photos, model, max_length, beams, sample, temperature, top_k, top_p, count]
+        inputs = [photos, model, max_length, beams, sample, temperature, top_k, top_p, count, guide]
         button.click(caption_handler(batcher, captioners, settings), inputs, [gallery, table])
     return blocks
 
@@ -116,13 +117,13 @@ def caption_handler(
 ) -> Callable[..., tuple[list, list]]:
     """The click handler: checks like the REST API, then the shared batcher; errors as gr.Error."""
 
-    def caption(photos, model, max_length, beams, sample, temperature, top_k, top_p, count):
+    def caption(photos, model, max_length, beams, sample, temperature, top_k, top_p, count, guide=True):
         paths = [Path(path) for path, _ in photos or []]  # the gallery gives (path, caption) pairs
         if not paths:
             raise gr.Error("Upload one or more photos first.")
         if len(paths) > settings.max_images_per_request:
             raise gr.Error(f"At most {settings.max_images_per_request} photos at a time.")
-        options = _options(max_length, beams, sample, temperature, top_k, top_p, count)
+        options = _options(max_length, beams, sample, temperature, top_k, top_p, count, guide)
         try:
             check_fits(options, captioners[model].max_caption_tokens)
             images = [_decode(path, i, settings) for i, path in enumerate(paths)]
@@ -154,7 +155,7 @@ def _rows(name: str, result: CaptionResult) -> list[list]:
     return rows
 
 
-def _options(max_length, beams, sample, temperature, top_k, top_p, count) -> CaptionOptions:
+def _options(max_length, beams, sample, temperature, top_k, top_p, count, guide=True) -> CaptionOptions:
     # the sampling sliders always hold a value; they count only when sampling is on
     sampling = {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
     try:
@@ -163,6 +164,7 @@ def _options(max_length, beams, sample, temperature, top_k, top_p, count) -> Cap
             num_beams=int(beams),
             do_sample=bool(sample),
             num_return_sequences=int(count),
+            guide=bool(guide),
             **(sampling if sample else {}),
         ).validate()
     except OptionsError as error:
