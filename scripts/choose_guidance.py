@@ -4,8 +4,8 @@
 
 Guided decoding (imcap.guidance) has two thresholds. Both are picked on val, never on the photos we
 judge naming with (the ImageNet sample, on which the head is over-confident: they were probably in its
-training set), and with a guard: a setting is allowed only if val CIDEr-D stays within `--tolerance` of
-the unguided captions' in the same run.
+training set), and with a guard: a setting is allowed only if val CIDEr-D and BLEU-4 stay within
+`--tolerance` and `--bleu-tolerance` of the unguided captions' in the same run.
 
 1. Ruling words out: a table word qualifies for banning when the head rarely misses it, i.e. of the val
    images whose references name it (>= `--min-images`), at most `--max-miss` have its probability below
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--beams", type=int, default=3)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--tolerance", type=float, default=0.005, help="allowed val CIDEr-D loss")
+    parser.add_argument("--bleu-tolerance", type=float, default=0.003, help="allowed val BLEU-4 loss")
     parser.add_argument("--min-images", type=int, default=30)
     parser.add_argument("--max-miss", type=float, default=0.03)
     parser.add_argument("--placement", choices=("start", "anywhere"), default="start")
@@ -84,7 +85,11 @@ def main() -> None:
     unguided_captions: dict[str, str] = {}
     unguided = run(None)
     unguided_captions.update(unguided["captions"])
-    floor = unguided["CIDEr"] - args.tolerance
+    floor = {"CIDEr": unguided["CIDEr"] - args.tolerance, "BLEU-4": unguided["BLEU-4"] - args.bleu_tolerance}
+
+    def passes(result: dict) -> bool:
+        return all(result[metric] >= value for metric, value in floor.items())
+
     rows = [{"setting": "unguided", **_short(unguided)}]
 
     best_ban = GuidanceSettings(name_threshold=1.01, placement=args.placement)  # naming off for now
@@ -95,7 +100,7 @@ def main() -> None:
         settings = dataclasses.replace(best_ban, ban_threshold=threshold, ban_words=words)
         result = run(settings)
         rows.append({"setting": f"ban {threshold} {list(words)}", **_short(result)})
-        if result["CIDEr"] >= floor:
+        if passes(result):
             best_ban = settings
     best = best_ban
     for threshold in sorted(NAME_GRID, reverse=True):  # from strict to loose: keep the loosest that passes
@@ -103,19 +108,19 @@ def main() -> None:
         result = run(settings)
         fired = naming_precision(unguided_captions, result["captions"], references)
         rows.append({"setting": f"name {threshold}", **_short(result), **fired})
-        if result["CIDEr"] >= floor:
+        if passes(result):
             best = settings
     named = best
     for threshold in GUARD_GRID:
         settings = dataclasses.replace(named, guard_threshold=threshold)
         result = run(settings)
         rows.append({"setting": f"guard {threshold}", **_short(result)})
-        if result["CIDEr"] >= floor:
+        if passes(result):
             best = settings
     chosen = dataclasses.replace(
         best,
-        chosen_on=f"{args.split} of {args.data}, beam {args.beams}: CIDEr-D within {args.tolerance} "
-        "of unguided (scripts/choose_guidance.py)",
+        chosen_on=f"{args.split} of {args.data}, beam {args.beams}: CIDEr-D within {args.tolerance} and "
+        f"BLEU-4 within {args.bleu_tolerance} of unguided (scripts/choose_guidance.py)",
     )
     for row in rows:
         print(json.dumps(row))
