@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ from imcap.batch import caption_batches
 from imcap.captioner import Captioner
 from imcap.concepts import mentions
 from imcap.generation import CaptionOptions
+from imcap.guidance import Guide
 from imcap.wordnet import Synset, WordNet, read_noun_synsets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,6 +210,7 @@ def report(result: dict) -> str:
     lines = [
         f"model: {result['model']}",
         f"options: {json.dumps(result['options'])}",
+        f"guidance: {json.dumps(result['guidance'])}",
         f"machine: {result['machine']}",
         f"photos: {s['photos']} ({s['failed']} unreadable), {result['seconds']:.1f} s captioning",
         f"named: {s['named_share']:.1%} ({s['named']}/{s['photos']})",
@@ -227,6 +230,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="the first N classes only")
     parser.add_argument("--json", type=Path, default=None, help="write results and per-photo rows here")
     parser.add_argument("--no-guide", action="store_true", help="decode without concept guidance")
+    parser.add_argument(
+        "--placement", choices=("start", "anywhere"), help="override the model's guidance placement"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     return parser.parse_args(argv)
 
@@ -236,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     wordnet = read_noun_synsets()
     photos = read_photos(args.data, args.limit)
     captioner = Captioner.from_pretrained(args.model)
+    if args.placement and captioner.guide is not None:
+        settings = dataclasses.replace(captioner.guide.settings, placement=args.placement)
+        captioner.guide = Guide(captioner.guide.table, settings, captioner.loaded.tokenizer)
     options = CaptionOptions(guide=not args.no_guide)
     paths = [args.data / "images" / photo.file for photo in photos]
     started = time.monotonic()
@@ -248,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": captioner.name,
         "options": options.to_dict(),
+        "guidance": dataclasses.asdict(captioner.guide.settings) if captioner.guide else None,
         "data": str(args.data),
         "machine": machine(),
         "seconds": seconds,

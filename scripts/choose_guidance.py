@@ -10,7 +10,10 @@ training set), and with a guard: a setting is allowed only if val CIDEr-D and BL
 1. Ruling words out: a table word qualifies for banning when the head rarely misses it, i.e. of the val
    images whose references name it (>= `--min-images`), at most `--max-miss` have its probability below
    the threshold. The largest threshold of the grid that passes the guard is kept.
-2. Naming: the smallest name threshold of the grid that passes the guard (with the bans above) is kept:
+2. Naming: first, words people do not say are set apart (`unsaid_words`): on the *training* photos where
+   the head gives a word at least `--sure` probability (>= `--min-images` of them), the words whose
+   references name them in under `--min-said` of the photos ("swimming trunks", "seashore"). Then the
+   smallest name threshold of the grid that passes the guard (with the bans above) is kept:
    the lower it is, the more captions name a confident concept they would have missed.
 3. The guard (words ruled out of rewritten captions): the largest threshold of its grid that passes.
 
@@ -55,6 +58,10 @@ def main() -> None:
     parser.add_argument("--min-images", type=int, default=30)
     parser.add_argument("--max-miss", type=float, default=0.03)
     parser.add_argument("--placement", choices=("start", "anywhere"), default="start")
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--sure", type=float, default=0.5)
+    parser.add_argument("--min-said", type=float, default=0.2)
+    parser.add_argument("--min-sure-images", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--write", action="store_true", help="save guidance.json in the model folder")
     args = parser.parse_args()
@@ -102,7 +109,8 @@ def main() -> None:
         rows.append({"setting": f"ban {threshold} {list(words)}", **_short(result)})
         if passes(result):
             best_ban = settings
-    best = best_ban
+    unsaid = unsaid_words(captioner, probe, args, rows)
+    best_ban = best = dataclasses.replace(best_ban, unsaid_words=unsaid)
     for threshold in sorted(NAME_GRID, reverse=True):  # from strict to loose: keep the loosest that passes
         settings = dataclasses.replace(best_ban, name_threshold=threshold)
         result = run(settings)
@@ -146,6 +154,25 @@ def caption_all(captioner: Captioner, encoded: list, options: CaptionOptions, gu
         results = captioner.caption_encoded(batch, options)
         captions.update((str(p), r.caption) for p, r in zip(paths, results, strict=True))
     return captions
+
+
+def unsaid_words(captioner: Captioner, guide: Guide, args, rows: list) -> tuple[str, ...]:
+    """Words the head is often sure of on training photos whose captions rarely say them."""
+    records = load_records(args.data, args.train_split)[: args.limit]
+    images, batch, chunks = [r.image for r in records], 16, []
+    for start in tqdm(range(0, len(images), batch), desc="train photos", leave=False):
+        chunks.append(captioner.encode(captioner.pixel_values(images[start : start + batch])).concept_probs)
+    word_probs = guide.word_probabilities(torch.cat(chunks))
+    unsaid = []
+    for column, word in enumerate(guide.words):
+        sure = (word_probs[:, column] >= args.sure).nonzero().flatten().tolist()
+        if len(sure) < args.min_sure_images:
+            continue
+        said = sum(any(mentions(c, guide.names(word)) for c in records[i].captions) for i in sure)
+        rows.append({"setting": f"said {word}", "sure_images": len(sure), "said": round(said / len(sure), 3)})
+        if said / len(sure) < args.min_said:
+            unsaid.append(word)
+    return tuple(unsaid)
 
 
 def ban_words(guide: Guide, word_probs, references, threshold, min_images, max_miss) -> tuple[str, ...]:

@@ -44,6 +44,9 @@ class GuidanceSettings:
     # in a caption guidance rewrites, also rule out every concept word below this probability (words the
     # decoder would otherwise bring from Flickr8k: "on a boat" beside a coffee cup); 0: off
     guard_threshold: float = 0.0
+    # words the naming rule never forces: on the Flickr8k training photos where the head is sure of them,
+    # people's captions rarely say them ("swimming trunks", "seashore": they say "in the water", "beach")
+    unsaid_words: tuple[str, ...] = ()
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
     def __post_init__(self):
@@ -58,7 +61,8 @@ class GuidanceSettings:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
-        return cls(**{**raw, "ban_words": tuple(raw.get("ban_words", ()))})
+        lists = {key: tuple(raw.get(key, ())) for key in ("ban_words", "unsaid_words")}
+        return cls(**{**raw, **lists})
 
     def save(self, folder: str | Path) -> None:
         (Path(folder) / GUIDANCE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -120,11 +124,17 @@ class Guide:
         return plans
 
     def missing_word(self, plan: Plan, caption: str) -> str | None:
-        """The most probable word over `name_threshold` that the caption does not name, if any."""
-        word, prob = max(plan.word_probs.items(), key=lambda item: item[1])
+        """The most probable word over `name_threshold` that the caption does not name, if any (words
+        captions do not say, `unsaid_words`, are passed over)."""
+        said = {w: p for w, p in plan.word_probs.items() if w not in self.settings.unsaid_words}
+        word, prob = max(said.items(), key=lambda item: item[1])
         if prob < self.settings.name_threshold or mentions(caption, self._compatible[word]):
             return None
         return word
+
+    def names(self, word: str) -> tuple[str, ...]:
+        """Every name compatible with a table word: its own, its classes' synonyms and hypernyms."""
+        return self._compatible[word]
 
     def guarded(self, plan: Plan) -> tuple[str, ...]:
         """The words a rewritten caption must not use: the plan's bans, plus (with a guard threshold) every

@@ -1,0 +1,78 @@
+"""The concept head: ImageNet probabilities from the encoder's own features, equal to the classifier alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from efficientnet_lite_pytorch import EfficientNet
+
+from imcap.encoder import EfficientNetLiteEncoder, EfficientNetLiteEncoderConfig, imagenet_weights_path
+from imcap.engine import Engine
+from imcap.images import load_image
+from imcap.modeling import image_processor_for, load_model
+
+from .conftest import EXAMPLES
+
+
+def _imagenet_classifier(variant: str, size: int) -> EfficientNet:
+    """The checkpoint's own network, head included, as efficientnet_lite_pytorch runs it."""
+    cnn = EfficientNet.from_name(variant, image_size=size)
+    cnn.load_state_dict(torch.load(imagenet_weights_path(variant), map_location="cpu", weights_only=True))
+    return cnn.eval()
+
+
+def _pixels(config: EfficientNetLiteEncoderConfig, names: list[str]) -> torch.Tensor:
+    pictures = [load_image(EXAMPLES / name) for name in names]
+    return image_processor_for(config)(pictures, return_tensors="pt")["pixel_values"]
+
+
+@torch.no_grad()
+def test_head_logits_equal_the_classifier_alone():
+    config = EfficientNetLiteEncoderConfig(variant="efficientnet-lite0", concept_head=True, concept_tokens=3)
+    encoder = EfficientNetLiteEncoder(config)
+    encoder.load_imagenet_weights()
+    encoder.eval()
+    pixels = _pixels(config, ["chelsea.jpg", "coffee.jpg"])
+    out = encoder(pixel_values=pixels)
+    expected = _imagenet_classifier("efficientnet-lite0", config.image_size)(pixels)
+    torch.testing.assert_close(out.concept_logits, expected, rtol=1e-4, atol=1e-4)
+    assert out.last_hidden_state.shape == (2, 1 + config.grid_size**2 + 3, config.hidden_size)
+
+
+@torch.no_grad()
+def test_head_is_frozen_and_tokens_follow_the_top_concepts():
+    config = EfficientNetLiteEncoderConfig(
+        variant="efficientnet-lite0",
+        image_size=64,
+        hidden_size=32,
+        num_heads=2,
+        concept_head=True,
+        concept_tokens=2,
+    )
+    encoder = EfficientNetLiteEncoder(config).eval()
+    assert not any(p.requires_grad for p in encoder.classifier.parameters())
+    feature_map = torch.randn(1, 1280, 2, 2)
+    base, logits = encoder.encode_map(feature_map)
+    # a different runner-up class changes the concept tokens, hence the states
+    encoder.classifier.bias[logits[0].argsort()[-2]] -= 100.0
+    changed, _ = encoder.encode_map(feature_map)
+    assert not torch.allclose(base, changed)
+
+
+def test_concept_tokens_need_the_head():
+    with pytest.raises(ValueError, match="concept_head"):
+        EfficientNetLiteEncoderConfig(concept_tokens=3)
+
+
+@torch.no_grad()
+def test_shipped_model_tags_are_the_imagenet_classifier():
+    """The shipped model's CNN is ImageNet's (frozen in training), so its tags are the classifier's."""
+    loaded = load_model()
+    config = loaded.model.encoder.config
+    assert config.concept_head and config.concept_table
+    pixels = _pixels(config, ["chelsea.jpg", "coffee.jpg", "rocket.jpg"])
+    encoded = Engine(loaded.model).encode_with_concepts(pixels)
+    expected = _imagenet_classifier(config.variant, config.image_size)(pixels).softmax(-1)
+    # fp16 weights and folded BatchNorm move probabilities a little, never the ranking of the top ones
+    torch.testing.assert_close(encoded.concept_probs, expected, atol=2e-3, rtol=0.05)
+    assert torch.equal(encoded.concept_probs.argmax(-1), expected.argmax(-1))
