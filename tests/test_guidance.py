@@ -58,6 +58,14 @@ def test_naming_rule_fires_only_for_a_confident_word_the_caption_misses(guide):
     assert guide.missing_word(unsure, "A man runs.") is None
 
 
+def test_unsaid_words_are_never_forced(guide):
+    quiet = Guide(TABLE, dataclasses.replace(guide.settings, unsaid_words=("dog",)), guide.tokenizer)
+    [plan] = quiet.plans(probs(husky=0.4, malamute=0.3, zebra=0.3))
+    assert quiet.missing_word(plan, "A man runs.") is None  # dog passed over, zebra not sure enough
+    [plan] = quiet.plans(probs(husky=0.2, zebra=0.8))
+    assert quiet.missing_word(plan, "A man runs.") == "zebra"
+
+
 def test_dog_is_ruled_out_when_the_head_sees_none(guide):
     [plan] = guide.plans(probs(zebra=0.9))
     assert plan.banned == ("dog",)
