@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--placement", choices=("start", "anywhere"), default="start")
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--sure", type=float, default=0.5)
-    parser.add_argument("--min-said", type=float, default=0.2)
+    parser.add_argument("--min-said", type=float, default=0.5)
     parser.add_argument("--min-sure-images", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--write", action="store_true", help="save guidance.json in the model folder")
