@@ -31,6 +31,14 @@ def _speed(flag: str, help: str):
     return typer.Option(flag, help=help, rich_help_panel="Speed")
 
 
+NoGuideOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-guide",
+        help="Don't steer captions toward confident ImageNet concepts (models with a concept head).",
+        rich_help_panel="Decoding",
+    ),
+]
 ThreadsOption = Annotated[int | None, _speed("--threads", "CPU threads for the model (default: all cores).")]
 OnnxOption = Annotated[
     bool, _speed("--onnx-encoder", "Run the encoder with ONNX Runtime: faster, numbers change slightly.")
@@ -139,13 +147,7 @@ def caption(
         int, _decoding("--num-captions", "Captions per image (beams or samples).")
     ] = _DEFAULT.num_return_sequences,
     seed: Annotated[int | None, _decoding("--seed", "Makes sampling reproducible.")] = None,
-    no_guide: Annotated[
-        bool,
-        _decoding(
-            "--no-guide",
-            "Don't steer captions toward confident ImageNet concepts (models with a concept head).",
-        ),
-    ] = False,
+    no_guide: NoGuideOption = False,
     threads: ThreadsOption = None,
     onnx_encoder: OnnxOption = False,
     int8_decoder: Int8Option = False,
@@ -254,6 +256,7 @@ def eval_command(
     onnx_encoder: OnnxOption = False,
     int8_decoder: Int8Option = False,
     plain_generate: PlainOption = False,
+    no_guide: NoGuideOption = False,
 ) -> None:
     """Caption a split and print BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (pycocoevalcap; SPICE needs a
     download of Stanford CoreNLP models and is not computed)."""
@@ -268,7 +271,7 @@ def eval_command(
     from imcap.modeling import ModelLoadError
 
     try:
-        options = CaptionOptions(num_beams=beams, max_new_tokens=max_length).validate()
+        options = CaptionOptions(num_beams=beams, max_new_tokens=max_length, guide=not no_guide).validate()
         engine, use_engine = _speed_settings(threads, onnx_encoder, int8_decoder, plain_generate)
         captioner = Captioner.from_pretrained(model, engine=engine, use_engine=use_engine)
         report = evaluate(captioner, data, split, options, limit=limit, batch_size=batch_size)
