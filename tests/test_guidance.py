@@ -160,3 +160,17 @@ def test_sampling_gets_tags_too(cat_model_dir):
 
 def test_plan_defaults():
     assert Plan().banned == () and Plan().required == ()
+
+
+def test_shipped_model_names_what_the_readme_photos_show():
+    """The scikit-image photos are outside Flickr8k: guided, the cat is a cat, the coffee coffee or a cup,
+    and none of them gets a dog (the unguided decoder's habit)."""
+    from .conftest import EXAMPLES
+
+    captioner = Captioner.from_pretrained()
+    assert captioner.guide is not None and captioner.guide.settings.chosen_on  # thresholds shipped
+    names = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+    captions = dict(zip(names, (r.caption for r in captioner([EXAMPLES / n for n in names])), strict=True))
+    assert mentions(captions["chelsea.jpg"], ("cat",))
+    assert mentions(captions["coffee.jpg"], ("coffee", "cup", "mug"))
+    assert not any(mentions(c, ("dog", "puppy")) for c in captions.values())
