@@ -21,6 +21,8 @@ Sampling is not here: the Captioner sends it to `generate`, where seeded samplin
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -268,13 +270,27 @@ def _new_cache(decoder: nn.Module) -> EncoderDecoderCache:
     return EncoderDecoderCache(DynamicCache(config=decoder.config), DynamicCache(config=decoder.config))
 
 
+def _run_decoder(decoder, input_ids: torch.Tensor, hidden: torch.Tensor, cache) -> torch.Tensor:
+    """(rows, T, V) float32 logits of `input_ids` after what the cache holds (and fills it)."""
+    return decoder(
+        input_ids=input_ids, encoder_hidden_states=hidden, use_cache=True, **{_cache_argument(decoder): cache}
+    ).logits.float()
+
+
+@functools.cache
+def _cache_argument_of(forward) -> str:
+    # transformers 5.24 renamed the decoders' `past_key_values` to `cache` (the old name warns on every
+    # call); the releases before it know only the old name
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_argument(decoder) -> str:
+    return _cache_argument_of(type(decoder).forward)
+
+
 def _next_logits(decoder, tokens, hidden, cache) -> torch.Tensor:
     """(rows, V) float32 next-token logits, given the last token of each row (the cache holds the rest)."""
-    return (
-        decoder(input_ids=tokens[:, -1:], encoder_hidden_states=hidden, past_key_values=cache, use_cache=True)
-        .logits[:, -1, :]
-        .float()
-    )
+    return _run_decoder(decoder, tokens[:, -1:], hidden, cache)[:, -1, :]
 
 
 def _next_log_probs(decoder, tokens, hidden, cache) -> torch.Tensor:
@@ -381,9 +397,7 @@ class _BeamSearch:
     def _prefix_log_probs(self, first: torch.Tensor) -> torch.Tensor:
         """Feed start + prefix at once (filling the cache); keep the prefix's log-prob; return the next
         token's log-probs."""
-        logits = self.decoder(
-            input_ids=first, encoder_hidden_states=self.hidden, past_key_values=self.cache, use_cache=True
-        ).logits.float()
+        logits = _run_decoder(self.decoder, first, self.hidden, self.cache)
         log_probs = torch.log_softmax(logits, dim=-1)
         forced = log_probs[:, :-1].gather(-1, first[:, 1:, None]).squeeze(-1)
         self.prefix_scores = forced.sum(dim=1)
