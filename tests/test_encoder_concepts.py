@@ -49,9 +49,11 @@ def test_head_is_frozen_and_tokens_follow_the_top_concepts():
         concept_head=True,
         concept_tokens=2,
     )
-    encoder = EfficientNetLiteEncoder(config).eval()
+    with torch.random.fork_rng():  # the same random encoder and features every run
+        torch.manual_seed(0)
+        encoder = EfficientNetLiteEncoder(config).eval()
+        feature_map = torch.randn(1, 1280, 2, 2)
     assert not any(p.requires_grad for p in encoder.classifier.parameters())
-    feature_map = torch.randn(1, 1280, 2, 2)
     base, logits = encoder.encode_map(feature_map)
     # a different runner-up class changes the concept tokens, hence the states
     encoder.classifier.bias[logits[0].argsort()[-2]] -= 100.0

@@ -62,9 +62,6 @@ class Encoded:
     hidden: torch.Tensor  # (B, S, D_decoder)
     concept_probs: torch.Tensor | None = None  # (B, 1000) ImageNet probabilities (concept-head models)
 
-    def __len__(self) -> int:
-        return len(self.hidden)
-
 
 @dataclass(frozen=True)
 class _Special:
@@ -129,8 +126,6 @@ class Engine:
     @torch.inference_mode()
     def decode(self, hidden: torch.Tensor, config: GenerationConfig) -> list[list[Decoded]]:
         """Per image, the `num_return_sequences` best captions (best first) under greedy or beam search."""
-        if config.do_sample:
-            raise ValueError("the engine decodes greedily or with beams; sampling goes through generate")
         config = _with_defaults(config)
         processors = _logits_processors(config, self.special)
         if config.num_beams > 1:
@@ -149,8 +144,6 @@ class Engine:
         of its tokens and score). Images are grouped by prefix length, one search per group; a greedy
         request is a beam search of width 1. `word_continuations` (imcap.guided.word_continuations) may
         not follow the prefix, so its last word stays whole ("a dessert", never "a desserters")."""
-        if config.do_sample:
-            raise ValueError("the engine decodes greedily or with beams; sampling goes through generate")
         config = _with_defaults(config)
         results: list[list[Decoded]] = [[] for _ in prefixes]
         by_length: dict[int, list[int]] = {}
@@ -185,8 +178,6 @@ class Engine:
         guided = [i for i, c in enumerate(constraints) if c]
         if not guided:
             return self.decode(hidden, config)
-        if config.do_sample:
-            raise ValueError("the engine decodes greedily or with beams; sampling goes through generate")
         results: list[list[Decoded]] = [[] for _ in constraints]
         plain = [i for i, c in enumerate(constraints) if not c]
         if plain:
@@ -221,7 +212,9 @@ class _BanAtPosition:
 
 
 def _with_defaults(config: GenerationConfig) -> GenerationConfig:
-    """A copy with the fields left unset filled in as `generate` fills them."""
+    """A copy with the fields left unset filled in as `generate` fills them (sampling is refused)."""
+    if config.do_sample:
+        raise ValueError("the engine decodes greedily or with beams; sampling goes through generate")
     config = copy.deepcopy(config)
     if config.max_new_tokens is None:
         config.max_new_tokens = (config.max_length or 20) - 1  # the prompt is one start token

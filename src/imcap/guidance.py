@@ -7,16 +7,19 @@ for every breed), that gives a probability per caption word. Two rules use it, w
 chosen on Flickr8k val (`scripts/choose_guidance.py`) and saved with the model (`guidance.json`):
 
 - **name**: when a word is at least `name_threshold` probable and the unguided caption says neither it nor
-  a compatible word (a synonym or hypernym: "husky", "dog", "canine"), the image is decoded again with
-  lexically constrained beam search (imcap.guided) so that the caption contains the word or its plural
-  (Anderson et al. 2017). Images whose caption already names it keep the unguided tokens.
+  a compatible word (a synonym or hypernym: "husky", "dog", "canine"), the image is decoded again so that
+  the caption contains it: as its subject ("a cat ...", placement "start", a prefixed beam search), or
+  wherever lexically constrained beam search puts the word or its plural (placement "anywhere",
+  imcap.guided; Anderson et al. 2017). Images whose caption already names it keep the unguided tokens;
+  words captions rarely say even when the head is sure (`unsaid_words`) are never forced.
 - **rule out**: a word of `ban_words` (words the head recognises reliably, "dog" above all: Flickr8k's
   favourite subject, said of kitchens and zebras) is banned from an image's caption when its probability
-  is below `ban_threshold`.
+  is below `ban_threshold`; a rewritten caption also may not name a concept below `guard_threshold`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -85,19 +88,25 @@ class Guide:
         self.words = sorted(set(table.words))  # the words a caption would use, one or more classes each
         # a word is as probable as all the classes it names: "dog" sums every breed, "missile" both the
         # missile and the projectile class (each lists "missile" among its synonyms)
-        self._names = torch.tensor(
-            [[word in synonyms for synonyms in table.synonyms] for word in self.words], dtype=torch.float32
-        )  # (W, 1000)
+        column = {word: i for i, word in enumerate(self.words)}
+        self._names = torch.zeros(len(self.words), len(table))  # (W, 1000): 1 where word i names class j
+        for cls, synonyms in enumerate(table.synonyms):
+            for word in set(synonyms) & column.keys():
+                self._names[column[word], cls] = 1.0
         compatible: dict[str, set[str]] = {w: {w} for w in self.words}
         for word, synonyms in zip(table.words, table.synonyms, strict=True):
             compatible[word].update(synonyms)
         self._compatible = {w: tuple(sorted(s)) for w, s in compatible.items()}
         # tokens that would glue onto a forced word (" zebra" -> " zebrack"): the search keeps them off it
         self.word_continuations = word_continuations(tokenizer)
-        # the guard bans only names the decoder can say in one token: those are the words it knows, and
-        # so the ones it brings unasked (a multi-token name is one it has rarely, if ever, seen)
+
+    @functools.cached_property
+    def _one_token_names(self) -> set[str]:
+        """The names the guard may ban: those the decoder can say in one token, the words it knows and so
+        brings unasked (a multi-token name is one it has rarely, if ever, seen). Built on first use: it
+        tokenizes every name, which start-up need not pay for when the guard is off."""
         names = {name for synonyms in self._compatible.values() for name in synonyms}
-        self._one_token_names = {name for name in names if len(self._ids(name)) == 1}
+        return {name for name in names if len(self._ids(name)) == 1}
 
     @classmethod
     def for_model(cls, encoder_config, settings: GuidanceSettings | None, tokenizer) -> Guide | None:
