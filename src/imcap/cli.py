@@ -373,6 +373,107 @@ def serve(
         _fail(str(error))
 
 
+@app.command()
+def explain(
+    photo: Annotated[Path, typer.Argument(help="The photo to caption and explain.")],
+    model: ModelOption = None,
+    output: Annotated[
+        Path | None,
+        _output(
+            "--output", "-o", help="Write the figure: the photo, then each word's map (.png/.jpg/.webp)."
+        ),
+    ] = None,
+    json_path: Annotated[
+        Path | None, _output("--json", help="Write the caption and each word's grid to this JSON file.")
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option("--layer", help="One decoder layer, 0 first (default: the mean of all).")
+    ] = None,
+    head: Annotated[
+        int | None, typer.Option("--head", help="One attention head, 0 first (default: the mean of all).")
+    ] = None,
+    beams: Annotated[
+        int | None, _decoding("--beams", "Beam width (1 = greedy) [default: as imcap caption].")
+    ] = None,
+    max_length: Annotated[
+        int, _decoding("--max-length", "Maximum new tokens per caption.")
+    ] = _DEFAULT.max_new_tokens,
+    min_length: Annotated[
+        int, _decoding("--min-length", "Minimum new tokens per caption.")
+    ] = _DEFAULT.min_new_tokens,
+    length_penalty: Annotated[
+        float, _decoding("--length-penalty", "Beam search: > 1 favours longer captions.")
+    ] = _DEFAULT.length_penalty,
+    sample: Annotated[bool, _decoding("--sample", "Sample the caption instead of searching.")] = False,
+    temperature: Annotated[float, _decoding("--temperature", "Sampling temperature.")] = _DEFAULT.temperature,
+    top_k: Annotated[
+        int, _decoding("--top-k", "Sample from the k likeliest tokens (0: all).")
+    ] = _DEFAULT.top_k,
+    top_p: Annotated[
+        float, _decoding("--top-p", "Sample from the likeliest tokens holding this mass.")
+    ] = _DEFAULT.top_p,
+    repetition_penalty: Annotated[
+        float, _decoding("--repetition-penalty", "> 1 discourages repeated tokens.")
+    ] = _DEFAULT.repetition_penalty,
+    no_repeat_ngram_size: Annotated[
+        int, _decoding("--no-repeat-ngram-size", "Never repeat an n-gram of this size (0: off).")
+    ] = _DEFAULT.no_repeat_ngram_size,
+    seed: Annotated[int | None, _decoding("--seed", "Makes sampling reproducible.")] = None,
+    no_guide: NoGuideOption = False,
+    threads: ThreadsOption = None,
+) -> None:
+    """Caption a photo and show where the model looked for each word: the decoder's attention over the
+    image, as a grid per word (Show, Attend and Tell). Prints the caption and each word's peak."""
+    _quiet_libraries()
+    from imcap.captioner import Captioner
+    from imcap.explain import ExplainError
+    from imcap.explain import explain as explain_photo
+    from imcap.explain_figure import check_figure_path, save_figure
+    from imcap.generation import OptionsError
+    from imcap.images import ImageLoadError, load_image
+    from imcap.modeling import ModelLoadError
+
+    engine, _ = _speed_settings(threads, False, False, False)
+    try:  # settings, the photo and the outputs first, then the model
+        options = CaptionOptions(
+            **({"num_beams": beams} if beams is not None else {}),  # the default is caption's
+            max_new_tokens=max_length,
+            min_new_tokens=min_length,
+            length_penalty=length_penalty,
+            do_sample=sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            seed=seed,
+            guide=not no_guide,
+        ).validate()
+        if output is not None:
+            check_figure_path(output)
+        picture = load_image(photo)
+        captioner = Captioner.from_pretrained(model, engine=engine)
+        explanation = explain_photo(captioner, picture, options, layer=layer, head=head)
+        if output is not None:
+            save_figure(explanation, picture, output)
+        if json_path is not None:
+            saved = {"photo": str(photo), "model": captioner.name, **explanation.to_json()}
+            json_path.write_text(json.dumps(saved) + "\n")
+    except OptionsError as error:
+        _fail(_as_flags(str(error)))
+    except (ExplainError, ImageLoadError, ModelLoadError) as error:
+        _fail(str(error))
+    except OSError as error:  # an output that cannot be written
+        _fail(f"cannot write {error.filename}: {error.strerror}")
+    typer.echo(explanation.caption)
+    for word in explanation.words:
+        row, col = divmod(int(word.grid.argmax()), word.grid.shape[1])
+        typer.echo(
+            f"  {word.word:<14} looked most at row {row}, col {col} ({word.grid.max():.0%}); "
+            f"other tokens {word.other_share:.0%}"
+        )
+
+
 def main() -> None:
     try:
         app()
