@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import imcap
 from imcap.captioner import Captioner
+from imcap.explain import ExplainError, Explanation, check_explainable
 from imcap.serving.queue import Batcher, Captioned, QueueFull, ShuttingDown
 from imcap.serving.schemas import CaptionsOut, ErrorOut, ModelsOut, caption_form_schema
 from imcap.serving.settings import API_KEY_VARIABLE, ServeSettings
@@ -113,12 +114,17 @@ def _add_routes(
         started = time.perf_counter()
         async with _parsed_form(request) as form:
             caption_request = await read_caption_request(form, settings, max_tokens, default_model)
+        if caption_request.return_attention:
+            _check_explainable(captioners[caption_request.model])
         batcher.check_room(len(caption_request.uploads))  # a full queue answers 503 before any decoding
         decode_started = time.perf_counter()
         decoded = await anyio.to_thread.run_sync(decode_all, caption_request)
         decode_ms = _ms_since(decode_started)
         futures = batcher.submit(
-            caption_request.model, [image for image, _ in decoded], caption_request.options
+            caption_request.model,
+            [image for image, _ in decoded],
+            caption_request.options,
+            attention=caption_request.return_attention,
         )
         try:
             done = await asyncio.wait_for(
@@ -151,6 +157,7 @@ def _response(
                 "model_ms": round(item.model_s * 1000, 1),
                 "batch_images": item.batch_images,
             },
+            "attention": _attention(item.explanation),
         }
         for upload, (_, size), item in zip(caption_request.uploads, decoded, done, strict=True)
     ]
@@ -160,6 +167,20 @@ def _response(
         "images": images,
         "timing": {"decode_ms": round(decode_ms, 1), "total_ms": round(total_ms, 1)},
     }
+
+
+def _check_explainable(captioner: Captioner) -> None:
+    try:
+        check_explainable(captioner.model)
+    except ExplainError as error:
+        raise RequestError(422, f"return_attention: {error}") from error
+
+
+def _attention(explanation: Explanation | None) -> dict | None:
+    """imcap explain's JSON for one image, less the caption the answer already has (None: not asked)."""
+    if explanation is None:
+        return None
+    return {key: value for key, value in explanation.to_json().items() if key != "caption"}
 
 
 def _ms_since(started: float) -> float:

@@ -17,11 +17,15 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from imcap.captioner import Captioner, CaptionResult
 from imcap.generation import CaptionOptions
+
+if TYPE_CHECKING:
+    from imcap.explain import Explanation
 
 _SECONDS_PER_IMAGE_GUESS = 0.2  # Retry-After estimate before the first batch has been timed
 _SMOOTHING = 0.2  # weight of the newest batch in the moving average of seconds per image
@@ -47,6 +51,7 @@ class Captioned:
     queued_s: float  # from submit to the start of its model call
     model_s: float  # duration of the model call (shared by the whole batch)
     batch_images: int  # images in that model call
+    explanation: Explanation | None = None  # where the model looked per word, when the request asked
 
 
 @dataclass
@@ -55,6 +60,7 @@ class _Item:
     image: Image.Image
     future: Future
     submitted: float
+    attention: bool = False  # also explain the caption (imcap.explain); not part of the key: batches mix
 
 
 class Batcher:
@@ -81,15 +87,18 @@ class Batcher:
         """Images waiting for a model call (the one running is not counted)."""
         return len(self._pending)
 
-    def submit(self, model: str, images: Sequence[Image.Image], options: CaptionOptions) -> list[Future]:
-        """Queue `images` for `model`; one Future per image, resolving to a `Captioned`.
+    def submit(
+        self, model: str, images: Sequence[Image.Image], options: CaptionOptions, attention: bool = False
+    ) -> list[Future]:
+        """Queue `images` for `model`; one Future per image, resolving to a `Captioned` (with the
+        caption's `explanation` when `attention`).
 
         All or nothing: raises QueueFull when they do not all fit, KeyError for an unknown model.
         """
         if model not in self.captioners:
             raise KeyError(model)
         now = time.monotonic()
-        items = [_Item((model, options), image, Future(), now) for image in images]
+        items = [_Item((model, options), image, Future(), now, attention) for image in images]
         with self._condition:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
@@ -160,11 +169,27 @@ class Batcher:
         started = time.monotonic()
         try:
             results = self.captioners[model]([item.image for item in batch], options)
+            explanations = _explained(self.captioners[model], batch, results)
         except Exception as error:  # reported to each waiting request, never kills the worker
             for item in batch:
                 item.future.set_exception(error)
             return
         model_s = time.monotonic() - started
         self._seconds_per_image += _SMOOTHING * (model_s / len(batch) - self._seconds_per_image)
-        for item, result in zip(batch, results, strict=True):
-            item.future.set_result(Captioned(result, started - item.submitted, model_s, len(batch)))
+        for item, result, explanation in zip(batch, results, explanations, strict=True):
+            queued_s = started - item.submitted
+            item.future.set_result(Captioned(result, queued_s, model_s, len(batch), explanation))
+
+
+def _explained(captioner: Captioner, batch: list[_Item], results: list[CaptionResult]) -> list:
+    """Per image, the Explanation of its caption if its request asked for one, else None. In the worker,
+    like every model call: explaining switches the decoder to eager attention for a moment."""
+    wanted = [i for i, item in enumerate(batch) if item.attention]
+    explanations: list = [None] * len(batch)
+    if wanted:
+        from imcap.explain import explain_results
+
+        images, chosen = [batch[i].image for i in wanted], [results[i] for i in wanted]
+        for i, explanation in zip(wanted, explain_results(captioner, images, chosen), strict=True):
+            explanations[i] = explanation
+    return explanations

@@ -13,6 +13,7 @@ from imcap.serving.uploads import (
     NUM_TAGS_FIELD,
     OPTION_TYPES,
     OPTIONS_FIELD,
+    RETURN_ATTENTION_FIELD,
 )
 
 
@@ -32,6 +33,26 @@ class ImageTiming(BaseModel):
     batch_images: int = Field(description="images captioned in that call")
 
 
+class WordAttentionOut(BaseModel):
+    word: str
+    grid: list[list[float]] = Field(
+        description="rows x cols: the share of the word's attention on each image patch, row by row"
+    )
+    other_share: float = Field(
+        description="the share on the encoder's other tokens (global, concept, CLS); grid + this = 1"
+    )
+    image_share: float = Field(
+        description="the share of all attention that went to the image (1 for cross-attention decoders)"
+    )
+
+
+class AttentionOut(BaseModel):
+    grid_size: list[int] = Field(description="[rows, cols] of every grid")
+    layer: int | None = Field(description="the decoder layer shown; null: the mean of all")
+    head: int | None = Field(description="the attention head shown; null: the mean of all")
+    words: list[WordAttentionOut] = Field(description="the caption's words in order, punctuation dropped")
+
+
 class ImageOut(BaseModel):
     filename: str
     width: int
@@ -43,6 +64,9 @@ class ImageOut(BaseModel):
         "(none for models without a concept head)"
     )
     timing: ImageTiming
+    attention: AttentionOut | None = Field(
+        None, description="with return_attention: where the model looked for each word of the caption"
+    )
 
 
 class RequestTiming(BaseModel):
@@ -99,6 +123,11 @@ def caption_form_schema() -> dict:
             "minimum": 0,
             "maximum": MAX_TAGS,
             "description": "how many ImageNet tags to list per image (models with a concept head)",
+        },
+        RETURN_ATTENTION_FIELD: {
+            "type": "boolean",
+            "default": False,
+            "description": "add each caption's per-word attention over the image (imcap explain's grids)",
         },
     }
     schema = {"type": "object", "required": [IMAGES_FIELD], "properties": properties}

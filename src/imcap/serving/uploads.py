@@ -29,7 +29,9 @@ OPTION_TYPES = {field.name: field.type for field in fields(CaptionOptions)}  # n
 # CaptionOptions field; sent like one (a form field or a key of the options JSON)
 NUM_TAGS_FIELD = "num_tags"
 DEFAULT_NUM_TAGS = 5
-SETTING_TYPES = {**OPTION_TYPES, NUM_TAGS_FIELD: "int"}
+# another setting of the answer: each image's answer carries its caption's per-word attention grids
+RETURN_ATTENTION_FIELD = "return_attention"
+SETTING_TYPES = {**OPTION_TYPES, NUM_TAGS_FIELD: "int", RETURN_ATTENTION_FIELD: "bool"}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 _MAX_OPTIONS_JSON_BYTES = 64 * 1024
 # The model sees 260 px; a decoded photo waits in the queue at most this size on its longer side, so a
@@ -57,6 +59,7 @@ class CaptionRequest:
     options: CaptionOptions
     uploads: list[Upload]
     num_tags: int = DEFAULT_NUM_TAGS  # each image's answer lists its top num_tags tags
+    return_attention: bool = False  # each image's answer carries where the model looked (imcap.explain)
 
 
 async def read_caption_request(
@@ -69,9 +72,9 @@ async def read_caption_request(
     model = _single_text(form, MODEL_FIELD) or default_model
     if model not in max_tokens:
         raise RequestError(422, f"unknown model {model!r}; loaded: {', '.join(max_tokens)}")
-    options, num_tags = await _settings(form)
+    options, num_tags, attention = await _settings(form)
     _check_options(options, settings, max_tokens[model])
-    return CaptionRequest(model, options, await _uploads(form, settings), num_tags)
+    return CaptionRequest(model, options, await _uploads(form, settings), num_tags, attention)
 
 
 def _unknown_field_message(name: str) -> str:
@@ -90,9 +93,9 @@ def _single_text(form: FormData, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def _settings(form: FormData) -> tuple[CaptionOptions, int]:
-    """Options and num_tags from form fields (text, converted by type) and/or one JSON part; each given
-    once."""
+async def _settings(form: FormData) -> tuple[CaptionOptions, int, bool]:
+    """Options, num_tags and return_attention from form fields (text, converted by type) and/or one
+    JSON part; each given once."""
     values = {name: _from_text(name, text) for name in SETTING_TYPES if (text := _single_text(form, name))}
     from_json = await _options_json(form)
     twice = sorted(set(values) & set(from_json))
@@ -100,11 +103,14 @@ async def _settings(form: FormData) -> tuple[CaptionOptions, int]:
         raise RequestError(422, f"{twice[0]} given twice: as a form field and in the options JSON")
     values |= from_json
     num_tags = values.pop(NUM_TAGS_FIELD, DEFAULT_NUM_TAGS)
+    attention = values.pop(RETURN_ATTENTION_FIELD, False)
+    if not isinstance(attention, bool):
+        raise RequestError(422, f"{RETURN_ATTENTION_FIELD} must be true or false, got {attention!r}")
     try:
         options = CaptionOptions(**values).validate()  # JSON values are type-checked here
     except OptionsError as error:
         raise RequestError(422, str(error)) from error
-    return options, _checked_num_tags(num_tags)
+    return options, _checked_num_tags(num_tags), attention
 
 
 def _checked_num_tags(value: object) -> int:
