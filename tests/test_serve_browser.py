@@ -132,6 +132,9 @@ def test_page_captions_uploaded_photos_with_the_chosen_beams(server, page, tmp_p
     best = page.locator("#captions-gallery .caption-label")
     expect(best).to_have_count(2, timeout=60_000)
     captions = [text.strip() for text in best.all_inner_texts()]
+    # the Explain view draws the first photo's figure: the photo, then a panel per word of its caption
+    expect(page.locator("#explain-figure img")).to_be_visible(timeout=60_000)
+    expect(page.locator("#explain-photo input")).to_have_value(f"1. {PHOTOS[0].name}")
     page.screenshot(path=str(tmp_path / "serve_ui.png"), full_page=True)
     if os.environ.get("IMCAP_UI_SCREENSHOT"):
         _save_for_readme(tmp_path / "serve_ui.png", Path(os.environ["IMCAP_UI_SCREENSHOT"]))

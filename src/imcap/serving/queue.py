@@ -169,14 +169,20 @@ class Batcher:
         started = time.monotonic()
         try:
             results = self.captioners[model]([item.image for item in batch], options)
-            explanations = _explained(self.captioners[model], batch, results)
         except Exception as error:  # reported to each waiting request, never kills the worker
             for item in batch:
                 item.future.set_exception(error)
             return
+        try:
+            explanations = _explained(self.captioners[model], batch, results)
+        except Exception as error:  # fails the images that asked for it, not the others of the batch
+            explanations = [error if item.attention else None for item in batch]
         model_s = time.monotonic() - started
         self._seconds_per_image += _SMOOTHING * (model_s / len(batch) - self._seconds_per_image)
         for item, result, explanation in zip(batch, results, explanations, strict=True):
+            if isinstance(explanation, Exception):
+                item.future.set_exception(explanation)
+                continue
             queued_s = started - item.submitted
             item.future.set_result(Captioned(result, queued_s, model_s, len(batch), explanation))
 

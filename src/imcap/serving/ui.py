@@ -17,7 +17,10 @@ import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
 from imcap.captioner import Captioner, CaptionResult  # noqa: E402
+from imcap.explain import ExplainError, check_explainable  # noqa: E402
+from imcap.explain_figure import render  # noqa: E402
 from imcap.generation import CaptionOptions, OptionsError, check_fits  # noqa: E402
+from imcap.images import ImageLoadError, load_image  # noqa: E402
 from imcap.serving.queue import Batcher, QueueFull  # noqa: E402
 from imcap.serving.settings import ServeSettings  # noqa: E402
 from imcap.serving.uploads import RequestError, Upload, decode_upload  # noqa: E402
@@ -99,10 +102,24 @@ def build_ui(batcher: Batcher, captioners: Mapping[str, Captioner], settings: Se
                     column_widths=["27%", "8%", "50%", "15%"],
                     elem_id="captions-table",
                 )
+        with gr.Accordion("Explain: where the model looked for each word", elem_id="explain"):
+            gr.Markdown(
+                "The photo, then each word of its caption, bright where the decoder's attention went "
+                "when it wrote the word (the mean of its layers and heads). *Other tokens*: the share "
+                "that went to the encoder's tokens that are not image patches (global, concepts, CLS)."
+            )
+            explain_pick = gr.Dropdown([], label="Photo", interactive=True, elem_id="explain-photo")
+            explain_figure = gr.Image(
+                type="pil", interactive=False, show_label=False, elem_id="explain-figure"
+            )
+        explained = gr.State([])  # (photo path, Explanation) per photo of the last caption click
         _examples(photos, settings.examples_dir)
         sample.change(lambda on: [gr.update(interactive=on)] * 3, sample, [temperature, top_k, top_p])
         inputs = [photos, model, max_length, beams, sample, temperature, top_k, top_p, count, guide]
-        button.click(caption_handler(batcher, captioners, settings), inputs, [gallery, table])
+        handler = caption_handler(batcher, captioners, settings, explain=True)
+        clicked = button.click(handler, inputs, [gallery, table, explained, explain_pick])
+        clicked.success(draw_explanation, [explained, explain_pick], explain_figure)
+        explain_pick.input(draw_explanation, [explained, explain_pick], explain_figure)
     return blocks
 
 
@@ -113,9 +130,13 @@ def _examples(photos: gr.Gallery, folder: Path | None) -> None:
 
 
 def caption_handler(
-    batcher: Batcher, captioners: Mapping[str, Captioner], settings: ServeSettings
-) -> Callable[..., tuple[list, list]]:
-    """The click handler: checks like the REST API, then the shared batcher; errors as gr.Error."""
+    batcher: Batcher, captioners: Mapping[str, Captioner], settings: ServeSettings, explain: bool = False
+) -> Callable[..., tuple]:
+    """The click handler: checks like the REST API, then the shared batcher; errors as gr.Error.
+
+    It answers (gallery, table rows); with `explain`, also each photo's (path, Explanation) of its
+    caption (models that attend to image tokens) and the Explain view's photo picker, the first picked.
+    """
 
     def caption(photos, model, max_length, beams, sample, temperature, top_k, top_p, count, guide=True):
         paths = [Path(path) for path, _ in photos or []]  # the gallery gives (path, caption) pairs
@@ -127,7 +148,8 @@ def caption_handler(
         try:
             check_fits(options, captioners[model].max_caption_tokens)
             images = [_decode(path, i, settings) for i, path in enumerate(paths)]
-            futures = batcher.submit(model, images, options)
+            attention = explain and _explainable(captioners[model])
+            futures = batcher.submit(model, images, options, attention=attention)
         except (OptionsError, RequestError) as error:
             raise gr.Error(str(error)) from None
         except QueueFull as error:
@@ -141,9 +163,34 @@ def caption_handler(
             raise gr.Error("Timed out waiting for the model; try again.") from None
         gallery = [(str(path), item.result.caption) for path, item in zip(paths, done, strict=True)]
         rows = [row for path, item in zip(paths, done, strict=True) for row in _rows(path.name, item.result)]
-        return gallery, rows
+        if not explain:
+            return gallery, rows
+        explained = [
+            (str(p), item.explanation) for p, item in zip(paths, done, strict=True) if item.explanation
+        ]
+        choices = [(f"{i}. {Path(path).name}", i - 1) for i, (path, _) in enumerate(explained, start=1)]
+        return gallery, rows, explained, gr.update(choices=choices, value=0 if choices else None)
 
     return caption
+
+
+def draw_explanation(explained: list, index: int | None):
+    """The Explain view's figure (a PIL image) for the photo picked; None before any caption."""
+    if not explained or index is None:
+        return None
+    path, explanation = explained[int(index)]
+    try:
+        return render(explanation, load_image(path))
+    except (ExplainError, ImageLoadError) as error:  # no matplotlib; the upload swept away meanwhile
+        raise gr.Error(str(error)) from None
+
+
+def _explainable(captioner: Captioner) -> bool:
+    try:
+        check_explainable(captioner.model)
+    except ExplainError:  # the LSTM baseline: its page shows no Explain figure
+        return False
+    return True
 
 
 def _rows(name: str, result: CaptionResult) -> list[list]:
