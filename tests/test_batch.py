@@ -81,11 +81,14 @@ def test_jsonl_rows_carry_path_captions_scores_model_and_settings(tiny_model_dir
     row = rows[0]
     assert row["model"] == str(tiny_model_dir)
     assert row["settings"]["num_beams"] == 2 and row["settings"]["max_new_tokens"] == 6
+    assert list(row) == ["path", "caption", "score", "logprob", "candidates", "model", "settings"]
     assert len(row["candidates"]) == 2 and row["candidates"][0] == {
-        "caption": row["caption"],
+        "text": row["caption"],
         "score": row["score"],
+        "logprob": row["logprob"],
     }
-    assert row["score"] < 0
+    assert row["logprob"] < row["score"] < 0  # the score is per token (max-length 6: several tokens)
+    assert row["candidates"][0]["score"] >= row["candidates"][1]["score"]
     assert "captioned 10, skipped 0 (already done), failed 0" in result.stderr
     assert "img/s" in result.stderr  # the progress bar's rate
     assert result.stdout == ""
@@ -100,12 +103,13 @@ def test_csv_rows(tiny_model_dir, photos, tmp_path):
         "path",
         "caption",
         "score",
+        "logprob",
         "candidates",
         "model",
         "settings",
     ]
     assert all(row["caption"].startswith("sks, ") for row in rows)
-    assert json.loads(rows[0]["candidates"])[0]["caption"] == rows[0]["caption"]
+    assert json.loads(rows[0]["candidates"])[0]["text"] == rows[0]["caption"]
     assert json.loads(rows[0]["settings"])["prefix"] == "sks, "
 
 
@@ -202,7 +206,7 @@ def test_writers_resume_in_process(tmp_path):
     (tmp_path / "empty.csv").write_text("path,cap")  # only a partial header: a fresh file
     with get_writer(tmp_path / "empty.csv", model="m") as writer:
         assert not writer.is_done(tmp_path / "a.jpg")
-    assert (tmp_path / "empty.csv").read_text() == "path,caption,score,candidates,model,settings\n"
+    assert (tmp_path / "empty.csv").read_text() == "path,caption,score,logprob,candidates,model,settings\n"
 
 
 @pytest.mark.parametrize(

@@ -192,7 +192,12 @@ def test_greedy_score_is_the_model_log_probability_of_the_caption(captioner, ima
         assert float(scores[i]) == pytest.approx(
             teacher_forced_log_prob(captioner, image, out.sequences[i], eos), abs=1e-3
         )
-    assert [r.candidates[0].score for r in captioner(images[:3], options)] == pytest.approx(scores.tolist())
+    results = captioner(images[:3], options)
+    assert [r.candidates[0].logprob for r in results] == pytest.approx(scores.tolist())
+    # greedy: the ranking score is the mean per token (no length penalty), tokens end-of-text included
+    for result in results:
+        best = result.candidates[0]
+        assert best.score == pytest.approx(best.logprob / len(best.tokens)) and result.score == best.score
 
 
 def test_beam_scores_match_beam_search_and_the_best_comes_first(captioner, images):
@@ -213,6 +218,12 @@ def test_beam_scores_match_beam_search_and_the_best_comes_first(captioner, image
     for result, alone in zip(results, single, strict=True):
         assert len(result.candidates) == 4 and all(math.isfinite(c.score) for c in result.candidates)
         assert result.caption == result.candidates[0].text == alone.caption
+        # `score` is what beam search ranked by, so candidates come in score order; `logprob` is the sum
+        assert [c.score for c in result.candidates] == sorted(
+            (c.score for c in result.candidates), reverse=True
+        )
+        for c in result.candidates:
+            assert c.score == pytest.approx(c.logprob / len(c.tokens) ** 0.7, abs=1e-5)
 
 
 def test_samples_are_ranked_by_mean_token_log_probability(captioner, images):
@@ -220,8 +231,19 @@ def test_samples_are_ranked_by_mean_token_log_probability(captioner, images):
     result = captioner(images[0], options)[0]
     scores = [c.score for c in result.candidates]
     assert len(scores) == 5 and all(math.isfinite(s) and s < 0 for s in scores)
-    assert scores == sorted(scores, reverse=True)  # no eos from this model: equal lengths, so sums rank too
+    assert scores == sorted(scores, reverse=True)
+    assert all(c.score == pytest.approx(c.logprob / len(c.tokens)) for c in result.candidates)
     assert result.options == options.to_dict()
+
+
+def test_sampling_means_one_beam_unless_beams_are_given():
+    """--sample alone is plain sampling: N captions are N independent samples, not N of 3 beams."""
+    assert CaptionOptions().num_beams == 3
+    assert CaptionOptions(do_sample=True).num_beams == 1
+    assert CaptionOptions(do_sample=True, num_return_sequences=5).validate().num_beams == 1
+    assert CaptionOptions(do_sample=True, num_beams=3).num_beams == 3  # beam sampling, when asked
+    with pytest.raises(OptionsError, match="num_return_sequences"):
+        CaptionOptions(do_sample=True, num_beams=2, num_return_sequences=5).validate()
 
 
 def test_sequence_log_probs_stop_at_the_first_end_token():

@@ -13,7 +13,7 @@ from transformers import (
     ViTModel,
 )
 
-import imcap  # noqa: F401  (registers the encoder)
+import imcap.encoder  # noqa: F401  (registers the encoder)
 from imcap.captioner import Captioner
 from imcap.encoder import MODEL_TYPE, EfficientNetLiteEncoder, EfficientNetLiteEncoderConfig
 from imcap.generation import CaptionOptions

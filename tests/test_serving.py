@@ -116,7 +116,15 @@ def test_one_image_gets_the_same_caption_as_the_python_api(client, captioner):
     assert (image["filename"], image["width"], image["height"]) == ("dogs.jpg", 224, 224)
     assert image["caption"] == expected.caption
     assert [c["text"] for c in image["candidates"]] == [c.text for c in expected.candidates]
-    assert image["candidates"][0]["score"] == pytest.approx(expected.candidates[0].score, abs=1e-4)
+    best = expected.candidates[0]
+    assert image["candidates"][0]["score"] == pytest.approx(best.score, abs=1e-4)
+    assert image["candidates"][0]["logprob"] == pytest.approx(best.logprob, abs=1e-4)
+    assert (image["score"], image["logprob"]) == (
+        image["candidates"][0]["score"],
+        image["candidates"][0]["logprob"],
+    )
+    # the same names as the CLI's rows: caption, score, logprob, candidates[].text/score/logprob
+    assert set(image["candidates"][0]) == {"text", "score", "logprob"}
     assert image["tags"] == as_json(expected.tags[:5])  # none: the tiny model has no concept head
     assert image["timing"]["batch_images"] == 1 and image["timing"]["model_ms"] > 0
     assert body["timing"]["total_ms"] >= image["timing"]["model_ms"]

@@ -25,7 +25,9 @@ TAGS = [Tag("tabby", 0.81234), Tag("tiger cat", 0.10211), Tag("Egyptian cat", 0.
 
 
 def result(*texts: str, tags: list[Tag] = TAGS) -> CaptionResult:
-    candidates = [Candidate(text, -1.0 - i) for i, text in enumerate(texts or ["A cat sits on a car."])]
+    candidates = [
+        Candidate(text, -1.0 - i, -8.0 - i) for i, text in enumerate(texts or ["A cat sits on a car."])
+    ]
     return CaptionResult(candidates[0].text, candidates, tags=list(tags))
 
 
@@ -37,7 +39,7 @@ def test_jsonl_rows_list_the_top_k_tags_and_record_k(tmp_path):
     with get_writer(out, model="m", settings={"num_beams": 3}, tags=2) as writer:
         writer.write([("a.jpg", result()), ("b.jpg", result(tags=[]))])
     first, second = jsonl_rows(out)
-    assert list(first) == ["path", "caption", "score", "candidates", "tags", "model", "settings"]
+    assert list(first) == ["path", "caption", "score", "logprob", "candidates", "tags", "model", "settings"]
     assert first["tags"] == [{"label": "tabby", "score": 0.8123}, {"label": "tiger cat", "score": 0.1021}]
     assert first["settings"] == {"num_beams": 3, "tags": 2}
     assert second["tags"] == []  # a model without a concept head

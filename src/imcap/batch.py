@@ -24,7 +24,7 @@ from tqdm import tqdm
 from imcap.captioner import Captioner, CaptionResult
 from imcap.generation import CaptionOptions
 from imcap.images import IMAGE_SUFFIXES, ImageLoadError, load_image
-from imcap.writers import Writer
+from imcap.writers import Writer, styled
 
 
 def find_images(items: Sequence[str | Path], recursive: bool = False) -> list[Path]:
@@ -62,6 +62,14 @@ def _folder_images(folder: Path, recursive: bool) -> list[Path]:
     return sorted(paths, key=lambda p: p.parts)
 
 
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `caption_files`: the batches written so far are complete; `summary` counts them."""
+
+    def __init__(self, summary: BatchSummary):
+        super().__init__(summary.line())
+        self.summary = summary
+
+
 @dataclass
 class BatchSummary:
     captioned: int = 0
@@ -89,11 +97,13 @@ def caption_files(
     suffix: str = "",
     progress: bool = True,
     on_failure: Callable[[ImageLoadError], None] | None = None,
+    style: str = "sentence",
 ) -> BatchSummary:
     """Caption every image that `writer` does not have yet, `batch_size` at a time.
 
     A bad file (reported to `on_failure`, by default on stderr) costs only itself; each batch's results
-    are written at once. `prefix` and `suffix` are added to every caption written.
+    are written at once. Captions are written in `style` (imcap.writers.CAPTION_STYLES), between `prefix`
+    and `suffix`. Ctrl-C raises BatchInterrupted once the batch being written (if any) is complete.
     """
     report = on_failure or _print_failure
     pending = [image for image in images if not writer.is_done(image)]
@@ -101,15 +111,21 @@ def caption_files(
     with tqdm(
         total=len(pending), unit="img", desc="captioning", disable=not progress, file=sys.stderr
     ) as bar:
-        for batch in caption_batches(captioner, pending, options, batch_size):
-            for error in batch.failed:
-                summary.failed.append(error)
-                report(error)
-            results = [_framed(result, prefix, suffix) for result in batch.results]
-            if results:
-                writer.write([(str(path), result) for path, result in zip(batch.paths, results, strict=True)])
-            summary.captioned += len(results)
-            bar.update(len(batch.paths) + len(batch.failed))
+        try:
+            for batch in caption_batches(captioner, pending, options, batch_size):
+                for error in batch.failed:
+                    summary.failed.append(error)
+                    report(error)
+                results = [_framed(result, prefix, suffix, style) for result in batch.results]
+                if results:
+                    rows = [(str(path), result) for path, result in zip(batch.paths, results, strict=True)]
+                    writer.write(rows)
+                summary.captioned += len(results)
+                bar.update(len(batch.paths) + len(batch.failed))
+        except KeyboardInterrupt:
+            # writes are whole batches (see imcap.writers), so a rerun resumes after the last one
+            summary.seconds = time.monotonic() - started
+            raise BatchInterrupted(summary) from None
     summary.seconds = time.monotonic() - started
     return summary
 
@@ -197,10 +213,10 @@ def _decode_each(
     return decoded, failed
 
 
-def _framed(result: CaptionResult, prefix: str, suffix: str) -> CaptionResult:
-    if not (prefix or suffix):
+def _framed(result: CaptionResult, prefix: str, suffix: str, style: str = "sentence") -> CaptionResult:
+    if not (prefix or suffix) and style == "sentence":
         return result
-    candidates = [replace(c, text=f"{prefix}{c.text}{suffix}") for c in result.candidates]
+    candidates = [replace(c, text=f"{prefix}{styled(c.text, style)}{suffix}") for c in result.candidates]
     return replace(result, caption=candidates[0].text, candidates=candidates)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,38 +23,10 @@ from imcap.generation import CaptionOptions, check_fits, generation_config
 from imcap.guidance import Guide, Plan
 from imcap.images import DEFAULT_MAX_PIXELS, ImageInput, as_image
 from imcap.modeling import LoadedModel, load_model, max_caption_tokens
+from imcap.results import MAX_TAGS, Candidate, CaptionResult, Tag
 from imcap.tokenizer import format_caption
 
 _SINGLE = (str, Path, Image.Image, bytes, bytearray, np.ndarray)
-
-
-@dataclass
-class Candidate:
-    text: str
-    # log-probability of the caption's tokens (end-of-text included) under the distribution decoding drew
-    # from: the model's own for greedy and beam search, reshaped by temperature/top-k/top-p when sampling
-    score: float
-    tokens: list[int] = field(default_factory=list, repr=False)  # generated ids, end-of-text included
-
-
-@dataclass
-class Tag:
-    """One ImageNet concept the encoder's classifier head sees in the image (imcap.concepts)."""
-
-    label: str  # the class's readable name, e.g. "Siberian husky"
-    score: float  # its probability under the head, 0..1
-
-
-MAX_TAGS = 20  # results carry at most this many tags; outputs show as many as asked (--tags K)
-
-
-@dataclass
-class CaptionResult:
-    caption: str  # the best candidate's text
-    candidates: list[Candidate]  # best first: beam search's order, or mean token log-prob for samples
-    options: dict = field(default_factory=dict)  # the CaptionOptions used, as a dict
-    # the top ImageNet concepts, most probable first (empty for models without a concept head)
-    tags: list[Tag] = field(default_factory=list)
 
 
 class Captioner:
@@ -63,7 +34,7 @@ class Captioner:
 
     captioner = Captioner.from_pretrained()  # the shipped model, or a model folder or hub id
     result = captioner("photo.jpg", CaptionOptions(num_beams=5, num_return_sequences=3))[0]
-    print(result.caption, [(c.text, c.score) for c in result.candidates])
+    print(result.caption, [(c.text, c.score, c.logprob) for c in result.candidates])
     """
 
     def __init__(
@@ -284,17 +255,23 @@ def _results(
     lengths: torch.Tensor,
     options: CaptionOptions,
 ) -> list[CaptionResult]:
-    """Group the N = images x num_return_sequences outputs by image, best candidate first."""
+    """Group the N = images x num_return_sequences outputs by image, highest score first.
+
+    A candidate's score is its log-prob / tokens ** length_penalty, as beam search ranks finished beams;
+    beam search returns them in that order already, independent samples come unordered and are sorted
+    (stably, so ties keep the decoder's order)."""
     per_image, results = options.num_return_sequences, []
     for start in range(0, len(texts), per_image):
-        rows = [
-            (float(scores[r]), float(scores[r] / lengths[r]), texts[r], tokens[r])
+        candidates = [
+            Candidate(
+                texts[r],
+                float(scores[r]) / float(lengths[r]) ** options.length_penalty,
+                float(scores[r]),
+                tokens[r],
+            )
             for r in range(start, start + per_image)
         ]
-        if options.num_beams == 1 and per_image > 1:
-            # independent samples come unordered: rank them by mean token log-prob, as beam search would
-            rows.sort(key=lambda row: -row[1])
-        candidates = [Candidate(text, score, ids) for score, _, text, ids in rows]
+        candidates.sort(key=lambda c: -c.score)
         results.append(CaptionResult(candidates[0].text, candidates, options.to_dict()))
     return results
 

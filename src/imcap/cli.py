@@ -11,14 +11,61 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from imcap.batch import caption_files, find_images
-from imcap.captioner import MAX_TAGS
-from imcap.generation import CaptionOptions
+import imcap
+from imcap.generation import DEFAULT_BEAMS, CaptionOptions
 from imcap.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
-from imcap.writers import DEFAULT_SIDECAR, OutputError, check_outputs, get_writer
+from imcap.results import MAX_TAGS
+from imcap.writers import CAPTION_STYLES, DEFAULT_SIDECAR, OutputError, check_outputs, get_writer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Image captioning that works offline.")
+# Only light modules above: torch and transformers are imported inside the commands that use them, so
+# that `imcap --help` answers at once and `imcap caption` pays for them once.
+
+
+def _flags_take_no_value(params: list) -> list:
+    """Typer shows `<bool>` beside flags, which reads as if they took a value (`--recursive true`)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _flags_take_no_value(super().get_params(ctx))
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx):
+        return _flags_take_no_value(super().get_params(ctx))
+
+
+app = typer.Typer(
+    cls=_Group, add_completion=False, no_args_is_help=True, help="Image captioning that works offline."
+)
+
+
+def command(name: str | None = None):
+    """`app.command`, with flags shown as flags."""
+    return app.command(name, cls=_Command)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"imcap {imcap.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Image captioning that works offline."""
+
 
 _DEFAULT = CaptionOptions()
 ModelOption = Annotated[
@@ -41,10 +88,18 @@ NoGuideOption = Annotated[
 ]
 ThreadsOption = Annotated[int | None, _speed("--threads", "CPU threads for the model (default: all cores).")]
 OnnxOption = Annotated[
-    bool, _speed("--onnx-encoder", "Run the encoder with ONNX Runtime: faster, numbers change slightly.")
+    bool,
+    _speed(
+        "--onnx-encoder",
+        "Run the encoder with ONNX Runtime (faster; on Flickr8k val all 1000 captions matched PyTorch's).",
+    ),
 ]
 Int8Option = Annotated[
-    bool, _speed("--int8-decoder", "Quantise the decoder's linear layers to int8: numbers change slightly.")
+    bool,
+    _speed(
+        "--int8-decoder",
+        "Quantise the decoder's linear layers to int8 (on Flickr8k val 947 of 1000 captions matched).",
+    ),
 ]
 PlainOption = Annotated[
     bool, _speed("--plain-generate", "Decode with plain transformers generate instead of imcap's engine.")
@@ -87,7 +142,7 @@ def _output(*flags: str, help: str):
     return typer.Option(*flags, help=help, rich_help_panel="Output")
 
 
-@app.command()
+@command()
 def caption(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
     model: ModelOption = None,
@@ -98,7 +153,11 @@ def caption(
     ] = False,
     max_pixels: Annotated[
         int,
-        typer.Option("--max-pixels", help="Refuse larger images (decompression-bomb guard); 0: no limit."),
+        typer.Option(
+            "--max-pixels",
+            help="Refuse images of more pixels, width x height (decompression-bomb guard); 0: no limit of "
+            "imcap's (Pillow's own, 2 x 89.5 megapixels, still applies).",
+        ),
     ] = DEFAULT_MAX_PIXELS,
     output: Annotated[
         Path | None,
@@ -110,6 +169,14 @@ def caption(
     ] = DEFAULT_SIDECAR,
     prefix: Annotated[str, _output("--prefix", help="Text put before every caption, as is.")] = "",
     suffix: Annotated[str, _output("--suffix", help="Text put after every caption, as is.")] = "",
+    caption_style: Annotated[
+        str,
+        _output(
+            "--caption-style",
+            help="sentence: 'A dog runs.' (alt text); plain: 'a dog runs' (training text, e.g. with "
+            "--prefix/--suffix/--tags).",
+        ),
+    ] = "sentence",
     tags: Annotated[
         int,
         _output(
@@ -119,7 +186,13 @@ def caption(
     overwrite: Annotated[
         bool, _output("--overwrite", help="Caption all again, replacing earlier results.")
     ] = False,
-    beams: Annotated[int, _decoding("--beams", "Beam width (1 = greedy).")] = _DEFAULT.num_beams,
+    beams: Annotated[
+        int | None,
+        _decoding(
+            "--beams",
+            f"Beam width (1 = greedy) [default: {DEFAULT_BEAMS}; with --sample: 1, plain sampling].",
+        ),
+    ] = None,
     max_length: Annotated[
         int, _decoding("--max-length", "Maximum new tokens per caption.")
     ] = _DEFAULT.max_new_tokens,
@@ -144,7 +217,12 @@ def caption(
         int, _decoding("--no-repeat-ngram-size", "Never repeat an n-gram of this size (0: off).")
     ] = _DEFAULT.no_repeat_ngram_size,
     num_captions: Annotated[
-        int, _decoding("--num-captions", "Captions per image (beams or samples).")
+        int,
+        _decoding(
+            "--num-captions",
+            "Captions per image: the best beams, or independent samples with --sample; ranked by score "
+            "(log-prob / tokens ^ length-penalty), each also with its log-prob.",
+        ),
     ] = _DEFAULT.num_return_sequences,
     seed: Annotated[int | None, _decoding("--seed", "Makes sampling reproducible.")] = None,
     no_guide: NoGuideOption = False,
@@ -159,6 +237,7 @@ def caption(
     """
     _quiet_libraries()
     from imcap.accel import AccelError
+    from imcap.batch import BatchInterrupted, caption_files, find_images
     from imcap.captioner import Captioner
     from imcap.generation import OptionsError, check_fits
     from imcap.modeling import ModelLoadError
@@ -180,6 +259,8 @@ def caption(
     )
     sidecar_extension = sidecar_ext if sidecar else None
     _check_numbers(batch_size, max_pixels, tags)
+    if caption_style not in CAPTION_STYLES:
+        _fail(f"--caption-style must be one of {', '.join(CAPTION_STYLES)}, got {caption_style!r}")
     engine, use_engine = _speed_settings(threads, onnx_encoder, int8_decoder, plain_generate)
     try:  # everything that can be checked without the model first
         options.validate()
@@ -192,6 +273,8 @@ def caption(
         captioner = Captioner.from_pretrained(model, max_pixels or None, engine, use_engine)
         check_fits(options, captioner.max_caption_tokens)
         settings = {**options.to_dict(), "prefix": prefix, "suffix": suffix}
+        if caption_style != "sentence":  # rows of earlier versions, without the setting, still resume
+            settings["caption_style"] = caption_style
         writer = get_writer(
             output, sidecar_extension, model=captioner.name, settings=settings, overwrite=overwrite, tags=tags
         )
@@ -202,10 +285,24 @@ def caption(
     try:
         with writer:
             summary = caption_files(
-                captioner, files, writer, options, batch_size, prefix=prefix, suffix=suffix
+                captioner,
+                files,
+                writer,
+                options,
+                batch_size,
+                prefix=prefix,
+                suffix=suffix,
+                style=caption_style,
+                on_failure=_print_image_error,
             )
     except OutputError as error:  # the output became unwritable mid-run (disk full, permissions...)
         _fail(str(error))
+    except BatchInterrupted as interrupted:  # Ctrl-C: every batch written so far stays, whole
+        typer.echo(
+            f"interrupted: {interrupted.summary.captioned} captioned; rerun the same command to continue",
+            err=True,
+        )
+        raise typer.Exit(130) from None
     typer.echo(summary.line(), err=True)
     if summary.failed and not allow_failures:
         raise typer.Exit(1)
@@ -230,6 +327,13 @@ def _as_flags(message: str) -> str:
     return re.sub(rf"\b({names})\b", flag, message)
 
 
+def _print_image_error(error) -> None:
+    """A bad image's line, in the command's terms, kept whole above the progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"error: {str(error).replace('max_pixels=', '--max-pixels ')}", file=sys.stderr)
+
+
 def _check_numbers(batch_size: int, max_pixels: int, tags: int) -> None:
     if batch_size < 1:
         _fail(f"--batch-size must be >= 1, got {batch_size}")
@@ -239,7 +343,7 @@ def _check_numbers(batch_size: int, max_pixels: int, tags: int) -> None:
         _fail(f"--tags must be in 0..{MAX_TAGS} (0: no tags), got {tags}")
 
 
-@app.command("eval")
+@command("eval")
 def eval_command(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder or file (any layout imcap reads).")],
     split: Annotated[str, typer.Option("--split", help="Split to evaluate, e.g. val.")] = "val",
@@ -258,27 +362,38 @@ def eval_command(
     plain_generate: PlainOption = False,
     no_guide: NoGuideOption = False,
 ) -> None:
-    """Caption a split and print BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (pycocoevalcap; SPICE needs a
-    download of Stanford CoreNLP models and is not computed)."""
+    """Caption a split and print BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (pycocoevalcap).
+
+    SPICE needs a download of Stanford CoreNLP models and is not computed.
+    """
     _quiet_libraries()
+    from imcap.generation import OptionsError
+    from imcap.requirements import MissingRequirement, require_extra, require_java
+
+    try:  # what needs no model first: settings, the metrics' extra and Java, the data
+        options = CaptionOptions(num_beams=beams, max_new_tokens=max_length, guide=not no_guide).validate()
+        require_extra("train", "imcap eval", modules=("pycocoevalcap",))
+        require_java("imcap eval")
+    except (OptionsError, MissingRequirement) as error:
+        _fail(_as_flags(str(error)))
     from imcap.accel import AccelError
     from imcap.captioner import Captioner
-    from imcap.data import DataError
+    from imcap.data import DataError, load_records
     from imcap.evaluate import evaluate
-    from imcap.generation import CaptionOptions, OptionsError
     from imcap.images import ImageLoadError
     from imcap.metrics import MetricsError
     from imcap.modeling import ModelLoadError
 
     try:
-        options = CaptionOptions(num_beams=beams, max_new_tokens=max_length, guide=not no_guide).validate()
+        load_records(data, split)
         engine, use_engine = _speed_settings(threads, onnx_encoder, int8_decoder, plain_generate)
         captioner = Captioner.from_pretrained(model, engine=engine, use_engine=use_engine)
         report = evaluate(captioner, data, split, options, limit=limit, batch_size=batch_size)
-    except (OptionsError, DataError, ModelLoadError, MetricsError, ImageLoadError, AccelError) as error:
+    except (DataError, ModelLoadError, MetricsError, ImageLoadError, AccelError) as error:
         _fail(str(error))
     for name, value in report.metrics.items():
-        typer.echo(f"{name:8s} {value:.4f}")
+        label = "CIDEr-D" if name == "CIDEr" else name  # pycocoevalcap's "CIDEr" is CIDEr-D
+        typer.echo(f"{label:8s} {value:.4f}")
     typer.echo(f"images   {report.n_images}\ndistinct {report.distinct_captions}")
     if json_path:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
@@ -286,7 +401,7 @@ def eval_command(
         predictions.write_text(json.dumps(report.predictions, indent=2) + "\n")
 
 
-@app.command()
+@command()
 def train(
     config: Annotated[Path, typer.Argument(help="Training recipe (YAML), e.g. configs/flickr8k.yaml.")],
     resume: Annotated[
@@ -297,6 +412,13 @@ def train(
     ] = None,
 ) -> None:
     """Train a captioning model from a YAML recipe."""
+    from imcap.requirements import MissingRequirement, require_extra, require_java
+
+    try:  # before torch is even imported: one line, and nothing created
+        require_extra("train", "imcap train")
+        require_java("imcap train", why="the PTB tokenizer of its validation metrics")
+    except MissingRequirement as error:
+        _fail(str(error))
     _quiet_libraries()
     from imcap.data import DataError
     from imcap.training.config import TrainConfig
@@ -320,7 +442,7 @@ def _serve_option(flag: str, help: str):
     return typer.Option(flag, help=help, rich_help_panel="Limits")
 
 
-@app.command()
+@command()
 def serve(
     model: Annotated[
         list[str] | None,

@@ -275,3 +275,6 @@ def register() -> None:
         AutoModel.register(EfficientNetLiteEncoderConfig, EfficientNetLiteEncoder)
     except ValueError:  # already registered: importing twice (e.g. reloads in tests) is harmless
         pass
+
+
+register()  # importing the encoder is enough for AutoConfig/AutoModel to resolve its type

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
-from transformers import GenerationConfig
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
+DEFAULT_BEAMS = 3  # beam width of deterministic decoding when none is given
 _SAMPLING_ONLY = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}  # option -> its no-op value
 
 
@@ -24,13 +27,14 @@ class CaptionOptions:
     """How to decode captions. Defaults: beam search with 3 beams, one caption per image.
 
     Greedy (num_beams=1) and beam search are deterministic. Sampling (do_sample=True) draws from the
-    model's distribution, reshaped by temperature, top_k (0: off) and top_p (1: off); with a seed it is
+    model's distribution, reshaped by temperature, top_k (0: off) and top_p (1: off), with one beam unless
+    num_beams is given: num_return_sequences=N then means N independent samples. With a seed it is
     reproducible per image, whatever the batch.
     """
 
     max_new_tokens: int = 24
     min_new_tokens: int = 0
-    num_beams: int = 3
+    num_beams: int | None = None  # None: DEFAULT_BEAMS for search, 1 (plain sampling) with do_sample
     length_penalty: float = 1.0  # beam search ranks beams by log-prob / length**length_penalty
     do_sample: bool = False
     temperature: float = 1.0
@@ -43,6 +47,10 @@ class CaptionOptions:
     # models with a concept head (the shipped one): make the caption name a confident ImageNet concept
     # it would otherwise miss, by constrained beam search (imcap.guidance); False decodes unguided
     guide: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_beams is None:  # frozen: set once, here, so that every reader sees a number
+            object.__setattr__(self, "num_beams", 1 if self.do_sample is True else DEFAULT_BEAMS)
 
     def validate(self) -> CaptionOptions:
         """Raise OptionsError (one line) on the first bad setting; return self when all are fine."""
@@ -59,7 +67,7 @@ class CaptionOptions:
         checks = []
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.type == "int" or (field.name == "seed" and value is not None):
+            if field.type == "int" or (field.type == "int | None" and value is not None):
                 ok = isinstance(value, int) and not isinstance(value, bool)
                 checks.append((ok, f"{field.name} must be a whole number, got {value!r}"))
             elif field.type == "float":
@@ -124,6 +132,8 @@ def check_fits(options: CaptionOptions, max_tokens: int | None) -> None:
 
 def generation_config(options: CaptionOptions, base: GenerationConfig) -> GenerationConfig:
     """The model's own GenerationConfig (special tokens) with our options on top."""
+    from transformers import GenerationConfig  # here, not at the top: `imcap --help` needs no torch
+
     options.validate()
     config = GenerationConfig.from_dict(base.to_dict())
     beams, sampling = options.num_beams > 1, options.do_sample

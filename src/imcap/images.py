@@ -176,7 +176,8 @@ def _check_size(image: Image.Image, name: str | Path, max_pixels: int | None) ->
         raise ImageLoadError(
             name,
             f"too large: {width}x{height} = {width * height / 1e6:.1f} megapixels, over the limit of "
-            f"{max_pixels / 1e6:g} (a possible decompression bomb; raise max_pixels to allow it)",
+            f"{max_pixels / 1e6:g} megapixels (a possible decompression bomb; to allow it, raise "
+            f"max_pixels={max_pixels})",
         )
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import string
+import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -107,15 +109,38 @@ def _validate(predictions: Mapping[str, str], references: Mapping[str, Sequence[
 
 
 def _ptb_tokenize(captions: dict[str, list[dict[str, str]]]) -> dict[str, list[str]]:
-    """PTBTokenizer.tokenize, turning its silent failures into MetricsError."""
-    try:
-        tokenized = PTBTokenizer().tokenize(captions)
-    except OSError as exc:  # e.g. its temp file is written next to the jar, in site-packages
-        raise MetricsError(f"PTB tokenizer failed: {exc}") from exc
+    """PTBTokenizer.tokenize, quiet, turning its silent failures into MetricsError."""
+    with _java_stderr() as java_said:  # "PTBTokenizer tokenized 51270 tokens at ..." on every call
+        try:
+            tokenized = PTBTokenizer().tokenize(captions)
+        except OSError as exc:  # e.g. its temp file is written next to the jar, in site-packages
+            raise MetricsError(f"PTB tokenizer failed: {exc}") from exc
     # When Java fails it prints nothing and pycocoevalcap returns a partial dict.
     if tokenized.keys() != captions.keys() or any(len(tokenized[i]) != len(captions[i]) for i in captions):
-        raise MetricsError("PTB tokenizer (Java) returned incomplete output; see its stderr above")
+        said = java_said()
+        raise MetricsError("PTB tokenizer (Java) returned incomplete output" + (f": {said}" if said else ""))
     return tokenized
+
+
+@contextlib.contextmanager
+def _java_stderr():
+    """Send what subprocesses write to stderr (file descriptor 2) to a temporary file while the block
+    runs; yields a function giving its last line. pycocoevalcap's Java tools inherit our stderr and
+    report progress there."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+
+        def last_line() -> str:
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").strip().splitlines()
+            return lines[-1] if lines else ""
+
+        try:
+            yield last_line
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:

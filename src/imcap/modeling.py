@@ -44,6 +44,7 @@ from imcap.encoder import register as register_encoder
 from imcap.guidance import GuidanceSettings
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_MODEL_NAME = "default"  # how rows, reports and the REST API name the shipped model
 HUB_HOST_TIMEOUT_S = 3.0
 
 # config.json's model_type -> the class that loads the folder: the architectures `imcap train` makes
@@ -186,7 +187,8 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     """
     register()
     source = str(DEFAULT_MODEL_DIR if name_or_path is None else name_or_path)
-    return from_folder_or_hub(source, lambda where, **kw: _from_pretrained(where, dtype, name=where, **kw))
+    name = DEFAULT_MODEL_NAME if name_or_path is None else str(name_or_path)
+    return from_folder_or_hub(source, lambda where, **kw: _from_pretrained(where, dtype, name=name, **kw))
 
 
 def from_folder_or_hub(source: str, load: Callable[..., object]):

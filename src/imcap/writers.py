@@ -24,10 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from imcap.captioner import CaptionResult, Tag
 from imcap.images import IMAGE_SUFFIXES
+from imcap.results import Candidate, CaptionResult, Tag
 
 DEFAULT_SIDECAR = ".txt"  # photo.jpg -> photo.txt, as kohya's scripts and taggui expect
+# sentence: "A dog runs on the beach." (alt text); plain: "a dog runs on the beach" (training captions,
+# where a prefix, suffix or tag list follows and a full stop mid-text is noise)
+CAPTION_STYLES = ("sentence", "plain")
 
 
 class OutputError(ValueError):
@@ -35,17 +38,32 @@ class OutputError(ValueError):
 
 
 def row_dict(path: str, result: CaptionResult, model: str, settings: dict, tags: int = 0) -> dict:
-    """One output row: the image, its best caption and score, every candidate, its top `tags` tags
-    (only when tags > 0), the model and settings."""
+    """One output row: the image, its best caption with its score (what ranks candidates) and log-prob,
+    every candidate, its top `tags` tags (only when tags > 0), the model and settings. The REST API
+    answers with the same names (imcap.serving.schemas)."""
     row = {
         "path": path,
         "caption": result.caption,
-        "score": _score(result.candidates[0].score),
-        "candidates": [{"caption": c.text, "score": _score(c.score)} for c in result.candidates],
+        "score": _score(result.score),
+        "logprob": _score(result.logprob),
+        "candidates": [candidate_dict(c) for c in result.candidates],
     }
     if tags:
         row["tags"] = [{"label": t.label, "score": _score(t.score)} for t in result.tags[:tags]]
     return {**row, "model": model, "settings": settings}
+
+
+def styled(text: str, style: str) -> str:
+    """A caption in one of CAPTION_STYLES (captions come as sentences)."""
+    if style == "sentence" or not text:
+        return text
+    text = text.removesuffix(".")
+    keeps_case = len(text) > 1 and text[1].isupper()  # "TV on a table" stays, "A dog" -> "a dog"
+    return text if keeps_case else text[0].lower() + text[1:]
+
+
+def candidate_dict(candidate: Candidate) -> dict:
+    return {"text": candidate.text, "score": _score(candidate.score), "logprob": _score(candidate.logprob)}
 
 
 def _score(value: float) -> float | None:
@@ -179,8 +197,8 @@ class JsonlWriter(RowFileWriter):
 
 
 class CsvWriter(RowFileWriter):
-    COLUMNS = ["path", "caption", "score", "candidates", "model", "settings"]
-    TAGGED_COLUMNS = ["path", "caption", "score", "candidates", "tags", "model", "settings"]  # --tags K
+    COLUMNS = ["path", "caption", "score", "logprob", "candidates", "model", "settings"]
+    TAGGED_COLUMNS = [*COLUMNS[:-2], "tags", *COLUMNS[-2:]]  # --tags K
     JSON_COLUMNS = {"candidates", "settings"}  # nested values, JSON-encoded in their cell
     _found_columns: list[str] | None = None  # the header of the file being resumed, if any
 

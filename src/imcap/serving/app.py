@@ -33,6 +33,7 @@ from imcap.serving.queue import Batcher, Captioned, QueueFull, ShuttingDown
 from imcap.serving.schemas import CaptionsOut, ErrorOut, ModelsOut, caption_form_schema
 from imcap.serving.settings import API_KEY_VARIABLE, ServeSettings
 from imcap.serving.uploads import CaptionRequest, RequestError, decode_upload, read_caption_request
+from imcap.writers import candidate_dict
 
 DOCS_STATIC = "/docs-static"
 # at module level: FastAPI resolves a dependency's (string) annotations in this module's globals
@@ -139,6 +140,11 @@ def _add_routes(
         return _response(caption_request, decoded, done, decode_ms, _ms_since(started))
 
 
+def _best_scores(candidates: list) -> dict:
+    best = candidate_dict(candidates[0])  # the same names and rounding as the CLI's rows
+    return {"score": best["score"], "logprob": best["logprob"]}
+
+
 def _response(
     caption_request: CaptionRequest, decoded: list, done: list[Captioned], decode_ms: float, total_ms: float
 ) -> dict:
@@ -148,7 +154,8 @@ def _response(
             "width": size[0],
             "height": size[1],
             "caption": item.result.caption,
-            "candidates": [{"text": c.text, "score": c.score} for c in item.result.candidates],
+            **_best_scores(item.result.candidates),
+            "candidates": [candidate_dict(c) for c in item.result.candidates],
             "tags": [
                 {"label": t.label, "score": t.score} for t in item.result.tags[: caption_request.num_tags]
             ],

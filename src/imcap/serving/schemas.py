@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from imcap.captioner import MAX_TAGS
 from imcap.generation import CaptionOptions
+from imcap.results import MAX_TAGS
 from imcap.serving.uploads import (
     DEFAULT_NUM_TAGS,
     IMAGES_FIELD,
@@ -16,10 +16,17 @@ from imcap.serving.uploads import (
     RETURN_ATTENTION_FIELD,
 )
 
+_SCORE = (
+    "what ranks candidates: logprob / tokens ** length_penalty (the mean per token unless a length "
+    "penalty is set); null if not finite"
+)
+_LOGPROB = "log-probability of the caption's tokens, end-of-text included; null if not finite"
+
 
 class CandidateOut(BaseModel):
     text: str
-    score: float = Field(description="log-probability of the caption's tokens (higher is likelier)")
+    score: float | None = Field(description=_SCORE)
+    logprob: float | None = Field(description=_LOGPROB)
 
 
 class TagOut(BaseModel):
@@ -58,7 +65,9 @@ class ImageOut(BaseModel):
     width: int
     height: int
     caption: str = Field(description="the best candidate's text")
-    candidates: list[CandidateOut] = Field(description="best first; num_return_sequences of them")
+    score: float | None = Field(description="the best candidate's score")
+    logprob: float | None = Field(description="the best candidate's log-probability")
+    candidates: list[CandidateOut] = Field(description="highest score first; num_return_sequences of them")
     tags: list[TagOut] = Field(
         description="the top ImageNet concepts, most probable first; up to num_tags of them "
         "(none for models without a concept head)"

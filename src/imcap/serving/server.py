@@ -15,10 +15,8 @@ _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def model_id(name_or_path: str | None) -> str:
-    """The API's name for a model: "default" for the shipped one, else the --model value as given.
-
-    (Not `Captioner.name`, which for the shipped model is its folder on this machine.)
-    """
+    """The API's name for a model: "default" for the shipped one, else the --model value as given (the
+    same as `Captioner.name`, known here before any model is loaded)."""
     return DEFAULT_MODEL_ID if name_or_path is None else str(name_or_path)
 
 

@@ -208,7 +208,7 @@ def _options(max_length, beams, sample, temperature, top_k, top_p, count, guide=
     try:
         return CaptionOptions(
             max_new_tokens=int(max_length),
-            num_beams=int(beams),
+            num_beams=1 if sample else int(beams),  # sampling: N independent samples, as in the CLI
             do_sample=bool(sample),
             num_return_sequences=int(count),
             guide=bool(guide),

@@ -16,9 +16,9 @@ from dataclasses import dataclass, fields
 from PIL import Image
 from starlette.datastructures import FormData, UploadFile
 
-from imcap.captioner import MAX_TAGS
 from imcap.generation import CaptionOptions, OptionsError, check_fits
 from imcap.images import ImageLoadError, decode_image
+from imcap.results import MAX_TAGS
 from imcap.serving.settings import ServeSettings
 
 IMAGES_FIELD = "images"
@@ -147,14 +147,14 @@ def _from_text(name: str, text: str) -> int | float | bool | None:
     """A form field's text as the setting's type; the messages match CaptionOptions.validate's."""
     kind, text = SETTING_TYPES[name], text.strip()
     try:
-        if name == "seed":
+        if kind == "int | None":  # seed, num_beams: empty or null means "the default"
             return None if text.lower() in ("", "none", "null") else int(text)
         if kind == "int":
             return int(text)
         if kind == "float":
             return float(text)
     except ValueError:
-        noun = "whole number" if kind == "int" or name == "seed" else "finite number"
+        noun = "whole number" if kind.startswith("int") else "finite number"
         raise RequestError(422, f"{name} must be a {noun}, got {text!r}") from None
     if text.lower() in _TRUE | _FALSE:
         return text.lower() in _TRUE

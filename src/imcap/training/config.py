@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -141,7 +142,18 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {}, where=str(path))
+        """Read a recipe. The data.path, output_dir and cache_dir it writes, when relative, are relative
+        to the recipe's folder (so it runs the same from any working folder); absolute paths and ~ stay."""
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        config = cls.from_dict(raw, where=str(path))
+        folder = Path(path).parent
+        if "path" in (raw.get("data") or {}):  # the defaults, not written in the recipe, stay as they are
+            config.data.path = _beside(folder, config.data.path)
+        if "output_dir" in raw:
+            config.output_dir = _beside(folder, config.output_dir)
+        if "cache_dir" in raw:
+            config.cache_dir = _beside(folder, config.cache_dir)
+        return config
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> TrainConfig:
@@ -149,6 +161,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _beside(folder: Path, path: str) -> str:
+    """`path` as written in a recipe in `folder`: relative paths count from that folder."""
+    if path.startswith("~") or Path(path).is_absolute():
+        return path
+    return os.path.normpath(folder / path)
 
 
 def _build(kind, raw: dict, where: str):

@@ -128,11 +128,11 @@ def prepare(config: TrainConfig, resume: bool, process: Process | None = None) -
     """Read data, build tokenizer and model, load or compute the cached image features."""
     process = process or Process()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     _seed_everything(config.seed)
     data = config.data
     train_records = load_records(data.path, data.train_split)[: data.train_limit]
     val_records = load_records(data.path, data.val_split)[: data.val_limit]
+    out.mkdir(parents=True, exist_ok=True)  # only once the data is there: a failed start leaves nothing
     captions = [c for r in train_records for c in r.captions]
     tokenizer_dir = out / "tokenizer"
     reuse = resume or not process.main  # other ranks read the tokenizer rank 0 trained
@@ -376,9 +376,13 @@ def _optimizers(run: Run, state: dict, xe: bool):
     optimizer = torch.optim.AdamW(groups, lr=lr)
     scheduler = _schedule(run, optimizer) if xe else None
     if state.get("optimizer"):
+        recipe_rates = [group["lr"] for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
+        if scheduler is None:  # SCST's rate is constant: the recipe's, even if changed since the checkpoint
+            for group, rate in zip(optimizer.param_groups, recipe_rates, strict=True):
+                group["lr"] = rate
     return optimizer, scheduler
 
 
