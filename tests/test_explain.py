@@ -362,3 +362,20 @@ def test_the_page_explains_nothing_for_an_lstm_and_still_captions(tmp_path):
     finally:
         batcher.close()
     assert len(gallery) == 1 and explained == [] and picker["choices"] == []
+
+
+def test_a_figure_without_matplotlib_fails_in_one_line_before_any_model_work(monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "matplotlib" else find_spec(name, *args),
+    )
+    result = CliRunner().invoke(cli_app, ["explain", str(DOGS), "--output", str(tmp_path / "a.png")])
+    assert result.exit_code == 2
+    assert (
+        result.stderr
+        == "error: drawing the figure needs matplotlib: pip install matplotlib (or 'imcap[serve]')\n"
+    )

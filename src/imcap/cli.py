@@ -495,7 +495,7 @@ def serve(
         _fail(str(error))
 
 
-@app.command()
+@command()
 def explain(
     photo: Annotated[Path, typer.Argument(help="The photo to caption and explain.")],
     model: ModelOption = None,
@@ -515,7 +515,11 @@ def explain(
         int | None, typer.Option("--head", help="One attention head, 0 first (default: the mean of all).")
     ] = None,
     beams: Annotated[
-        int | None, _decoding("--beams", "Beam width (1 = greedy) [default: as imcap caption].")
+        int | None,
+        _decoding(
+            "--beams",
+            f"Beam width, 1 = greedy (default: {DEFAULT_BEAMS}; with --sample: 1, plain sampling).",
+        ),
     ] = None,
     max_length: Annotated[
         int, _decoding("--max-length", "Maximum new tokens per caption.")
@@ -544,8 +548,11 @@ def explain(
     no_guide: NoGuideOption = False,
     threads: ThreadsOption = None,
 ) -> None:
-    """Caption a photo and show where the model looked for each word: the decoder's attention over the
-    image, as a grid per word (Show, Attend and Tell). Prints the caption and each word's peak."""
+    """Caption a photo and show where the model looked for each word (attention maps).
+
+    The decoder's attention over the image as a grid per word, Show, Attend and Tell style; prints the
+    caption and the patch each word looked at most. The caption is `imcap caption`'s with the same flags.
+    """
     _quiet_libraries()
     from imcap.captioner import Captioner
     from imcap.explain import ExplainError

@@ -8,6 +8,7 @@ JSON, and the share that went to the encoder's non-spatial tokens is written und
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import textwrap
 from pathlib import Path
@@ -26,6 +27,7 @@ PANEL_PX = 200  # the photo's longer side in every panel
 COLUMNS = 6  # panels per row: a 15-word caption takes 3 rows
 DIMMED = 0.2  # brightness where the model did not look (1 where it looked most)
 _DPI = 100
+_NO_MATPLOTLIB = "drawing the figure needs matplotlib: pip install matplotlib (or 'imcap[serve]')"
 _GAP, _LABEL, _TITLE, _MARGIN = 0.12, 0.5, 0.5, 0.15  # inches: between panels, under them, above, around
 
 
@@ -43,7 +45,7 @@ def figure(explanation: Explanation, image: Image.Image, columns: int = COLUMNS)
     try:
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
-        raise ExplainError("drawing the figure needs matplotlib: pip install matplotlib") from None
+        raise ExplainError(_NO_MATPLOTLIB) from None
     photo = _small(image)
     panels = [(photo, "(photo)", "")] + [
         (lit(photo, w.grid), w.word, f"other tokens {w.other_share:.0%}") for w in explanation.words
@@ -83,8 +85,11 @@ def save_figure(
 
 
 def check_figure_path(path: str | Path) -> None:
+    """Raise ExplainError, before any model work, if the figure could not be written there."""
     if Path(path).suffix.lower() not in FIGURE_SUFFIXES:
         raise ExplainError(f"the figure is written as {', '.join(FIGURE_SUFFIXES)}; got {Path(path).name!r}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ExplainError(_NO_MATPLOTLIB)
 
 
 def lit(photo: np.ndarray, grid: np.ndarray) -> np.ndarray:
