@@ -57,7 +57,8 @@ class ExplainError(ValueError):
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where the image patches sit among the `num_tokens` tokens the decoder attends to."""
+    """Where the image patches sit among an encoder's `num_tokens` output tokens (which come first among
+    the keys the decoder attends to; a prefix model's keys go on with SEP and the caption)."""
 
     rows: int
     cols: int
@@ -90,7 +91,8 @@ class Explanation:
     head: int | None = None  # None: the mean over heads
 
     def to_json(self) -> dict:
-        """`caption`, `grid_size` and `words`: [{"word", "grid" (rows x cols lists), "other_share"}]."""
+        """`caption`, `grid_size` [rows, cols], `layer` and `head` (null: the mean of all), and `words`:
+        [{"word", "grid" (rows lists of cols shares), "other_share", "image_share"}], in caption order."""
         return {
             "caption": self.caption,
             "grid_size": list(self.grid_size),
