@@ -90,7 +90,8 @@ def test_jsonl_rows_carry_path_captions_scores_model_and_settings(tiny_model_dir
     assert row["logprob"] < row["score"] < 0  # the score is per token (max-length 6: several tokens)
     assert row["candidates"][0]["score"] >= row["candidates"][1]["score"]
     assert "captioned 10, skipped 0 (already done), failed 0" in result.stderr
-    assert "img/s" in result.stderr  # the progress bar's rate
+    assert "images/s" in result.stderr  # the summary's rate
+    assert "\r" not in result.stderr  # stderr is not a terminal: no progress bar, only whole lines
     assert result.stdout == ""
 
 

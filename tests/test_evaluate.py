@@ -1,6 +1,7 @@
 """`imcap eval` end to end: its numbers equal pycocoevalcap's scorers called directly on the same data."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -14,7 +15,7 @@ requires_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoe
 
 
 @requires_java
-def test_eval_numbers_equal_direct_pycocoevalcap(flickr8k, tmp_path):
+def test_eval_numbers_equal_direct_pycocoevalcap(flickr8k, tmp_path, capfd):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -40,6 +41,8 @@ def test_eval_numbers_equal_direct_pycocoevalcap(flickr8k, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
+    assert re.search(r"^CIDEr-D +\d\.\d{4}$", result.stdout, re.MULTILINE)  # as the README names it
+    assert "PTBTokenizer" not in capfd.readouterr().err  # Java's progress chatter stays off the terminal
     reported = json.loads(out.read_text())
     predictions = json.loads(captions.read_text())
     assert reported["n_images"] == 6 and reported["settings"]["num_beams"] == 2

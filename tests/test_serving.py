@@ -89,7 +89,7 @@ class Tagging:
 
 
 def as_json(tags: list[Tag]) -> list[dict]:
-    return [{"label": t.label, "score": t.score} for t in tags]
+    return [{"label": t.label, "score": round(t.score, 4)} for t in tags]  # rounded as in the CLI's rows
 
 
 def wait_until(condition, what: str) -> None:

@@ -190,7 +190,7 @@ def caption(
         int | None,
         _decoding(
             "--beams",
-            f"Beam width (1 = greedy) [default: {DEFAULT_BEAMS}; with --sample: 1, plain sampling].",
+            f"Beam width, 1 = greedy (default {DEFAULT_BEAMS}; with --sample 1: plain sampling).",
         ),
     ] = None,
     max_length: Annotated[
@@ -294,6 +294,8 @@ def caption(
                 suffix=suffix,
                 style=caption_style,
                 on_failure=_print_image_error,
+                # a bar redrawn with carriage returns garbles a log; there the summary line gives the rate
+                progress=sys.stderr.isatty(),
             )
     except OutputError as error:  # the output became unwritable mid-run (disk full, permissions...)
         _fail(str(error))

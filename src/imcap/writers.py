@@ -49,7 +49,7 @@ def row_dict(path: str, result: CaptionResult, model: str, settings: dict, tags:
         "candidates": [candidate_dict(c) for c in result.candidates],
     }
     if tags:
-        row["tags"] = [{"label": t.label, "score": _score(t.score)} for t in result.tags[:tags]]
+        row["tags"] = [tag_dict(t) for t in result.tags[:tags]]
     return {**row, "model": model, "settings": settings}
 
 
@@ -64,6 +64,10 @@ def styled(text: str, style: str) -> str:
 
 def candidate_dict(candidate: Candidate) -> dict:
     return {"text": candidate.text, "score": _score(candidate.score), "logprob": _score(candidate.logprob)}
+
+
+def tag_dict(tag: Tag) -> dict:
+    return {"label": tag.label, "score": _score(tag.score)}
 
 
 def _score(value: float) -> float | None:

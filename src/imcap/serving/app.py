@@ -33,7 +33,7 @@ from imcap.serving.queue import Batcher, Captioned, QueueFull, ShuttingDown
 from imcap.serving.schemas import CaptionsOut, ErrorOut, ModelsOut, caption_form_schema
 from imcap.serving.settings import API_KEY_VARIABLE, ServeSettings
 from imcap.serving.uploads import CaptionRequest, RequestError, decode_upload, read_caption_request
-from imcap.writers import candidate_dict
+from imcap.writers import candidate_dict, tag_dict
 
 DOCS_STATIC = "/docs-static"
 # at module level: FastAPI resolves a dependency's (string) annotations in this module's globals
@@ -156,9 +156,7 @@ def _response(
             "caption": item.result.caption,
             **_best_scores(item.result.candidates),
             "candidates": [candidate_dict(c) for c in item.result.candidates],
-            "tags": [
-                {"label": t.label, "score": t.score} for t in item.result.tags[: caption_request.num_tags]
-            ],
+            "tags": [tag_dict(t) for t in item.result.tags[: caption_request.num_tags]],
             "timing": {
                 "queue_ms": round(item.queued_s * 1000, 1),
                 "model_ms": round(item.model_s * 1000, 1),
