@@ -9,12 +9,21 @@ Every output resumes: rerunning the same command after a crash or Ctrl-C caption
 have no result yet. JSONL and CSV files get one row per image, appended a whole batch at a time with
 flush + fsync (a kill can only leave a partial last line, which the next run cuts off); sidecar files are
 written to a temporary name and renamed, so one is either complete or absent.
+
+One output, one run: a row file is locked (`flock`) while a run writes it, and so is every folder a sidecar
+run writes into (a hidden `.imcap-sidecar.lock`, removed at the end), so a second run on the same output
+stops at once with one line instead of interleaving or duplicating rows. A write that fails (disk full,
+I/O error) cuts the file back to its last whole batch and stops with one line naming the file; the rows
+before it stay and a rerun finishes the job.
+
 Output formats are a dict of writer classes (`WRITERS`), as in whisper's `get_writer`.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
 import json
 import math
@@ -110,11 +119,19 @@ class RowFileWriter(Writer):
         self.path, self.model, self.tags = Path(path), model, tags
         # K joins the settings each row records, so that resuming with another K counts as a change
         self.settings = {**settings, "tags": tags} if tags else settings
-        rows = [] if overwrite or not self.path.exists() else self._recover()
-        self._check_same_run(rows)
+        # locked before it is read, so that no other run can append (or cut a torn line) under us
+        self._file = _open_for_rows(self.path)
+        try:
+            _lock(self._file.fileno(), f"{self.path} is being written")
+            rows = [] if overwrite else self._recover()
+            self._check_same_run(rows)
+            if overwrite:
+                os.ftruncate(self._file.fileno(), 0)
+        except BaseException:
+            self._file.close()
+            raise
         self._done = {os.path.abspath(row["path"]) for row in rows}
-        self._file = _open_for_rows(self.path, "w" if overwrite else "a")
-        if self._file.tell() == 0:
+        if os.fstat(self._file.fileno()).st_size == 0:
             self._append(self.header())
 
     def header(self) -> str:
@@ -139,12 +156,24 @@ class RowFileWriter(Writer):
         self._file.close()
 
     def _append(self, text: str) -> None:
+        """Write `text` whole, or cut the file back to where it was (a batch is all there or absent)."""
+        fd = self._file.fileno()
+        start, data = os.fstat(fd).st_size, memoryview(text.encode("utf-8"))
         try:
-            self._file.write(text)
-            self._file.flush()
-            os.fsync(self._file.fileno())  # the batch is on disk before we caption the next one
+            while data:  # an unbuffered write may take only part of it
+                data = data[self._file.write(data) :]
+            os.fsync(fd)  # the batch is on disk before we caption the next one
         except OSError as error:
-            raise OutputError(f"{self.path}: cannot write ({error.strerror or error})") from error
+            try:
+                os.ftruncate(fd, start)  # no half row, which a later run could take for a whole one
+                os.fsync(fd)
+            except OSError:
+                pass  # a torn last line is still cut off by the next run
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise OutputError(
+                f"{self.path}: cannot write ({error.strerror or error}); the rows written before are kept, "
+                f"rerun the same command {'when there is room' if full else 'to continue'}"
+            ) from error
 
     def _recover(self) -> list[dict]:
         try:
@@ -180,12 +209,39 @@ class RowFileWriter(Writer):
                 )
 
 
-def _open_for_rows(path: Path, mode: str) -> TextIO:
+def _open_for_rows(path: Path):
+    """The row file, opened to append bytes unbuffered: a failed write leaves nothing to flush later."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, mode, encoding="utf-8", newline="")  # noqa: SIM115  (closed by the writer)
+        return open(path, "ab", buffering=0)  # noqa: SIM115  (closed by the writer)
     except OSError as error:
         raise OutputError(f"{path}: cannot write ({error.strerror or error})") from error
+
+
+def _lock(fd: int, busy: str) -> None:
+    """Hold an exclusive lock on `fd` until it is closed, or raise OutputError: `{busy} by another run`."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        raise OutputError(
+            f"{busy} by another imcap run{f' (pid {holder})' if holder else ''}; "
+            "wait for it to finish or choose another output"
+        ) from None
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a flock on `fd`'s file, from Linux's /proc/locks (None where that cannot tell)."""
+    inode = os.fstat(fd).st_ino
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF"; "->" lines are waiters
+    for fields in (line.split() for line in lines):
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return int(fields[4]) if fields[4].isdigit() and fields[4] != "0" else None
+    return None
 
 
 class JsonlWriter(RowFileWriter):
@@ -267,22 +323,60 @@ class SidecarWriter(Writer):
     With tags each line is `caption, tag1, tag2, ...`, labels lowercased (kohya / taggui captions).
     """
 
+    LOCK_NAME = ".imcap-sidecar.lock"  # in each folder being written, while a run writes there
+
     def __init__(self, extension: str = DEFAULT_SIDECAR, overwrite: bool = False, tags: int = 0):
         self.extension, self.overwrite = check_sidecar_extension(extension), overwrite
         self.tags = tags
+        self._locks: dict[str, int | None] = {}  # folder -> the fd of its held lock file
 
     def sidecar(self, image: Path) -> Path:
         return Path(image).with_suffix(self.extension)
 
     def is_done(self, image: Path) -> bool:
+        self._lock_folder(Path(image).parent)  # before anything is read: caption_files asks first
         return not self.overwrite and self.sidecar(image).exists()
 
     def write(self, rows: list[tuple[str, CaptionResult]]) -> None:
         for path, result in rows:
+            self._lock_folder(Path(path).parent)
             labels = tag_labels(result.tags[: self.tags], lower=True) if self.tags else ""
             # "a dog runs., husky" would split a tag list oddly: the caption's full stop goes first
             lines = [f"{c.text.rstrip('.')}, {labels}" if labels else c.text for c in result.candidates]
             write_atomic(self.sidecar(Path(path)), "\n".join(lines))
+
+    def close(self) -> None:
+        for folder, fd in self._locks.items():
+            if fd is not None:  # removed while still held, so no other run can be let in by a stale file
+                Path(folder, self.LOCK_NAME).unlink(missing_ok=True)
+                os.close(fd)
+        self._locks.clear()
+
+    def _lock_folder(self, folder: Path) -> None:
+        key = os.path.realpath(folder)
+        if key in self._locks:
+            return
+        path = Path(key, self.LOCK_NAME)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+                    self._locks[key] = None  # a folder we cannot write to: no sidecar can be written either
+                    return
+                raise OutputError(f"{path}: cannot write ({error.strerror or error})") from error
+            try:
+                _lock(fd, f"{folder} is being captioned")
+            except OutputError:
+                os.close(fd)
+                raise
+            try:  # the run before us may have removed the file between our open and our lock: retry
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    self._locks[key] = fd
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(fd)
 
 
 class StdoutWriter(Writer):
