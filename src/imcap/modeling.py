@@ -11,6 +11,7 @@ nothing is guessed at load time.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -211,10 +212,67 @@ def _load_local(folder: Path, load: Callable[..., object]):
     missing = [name for name in ("config.json",) if not (folder / name).exists()]
     if missing:
         raise ModelLoadError(f"{folder} is not a model folder: it has no {', '.join(missing)}")
+    _check_config(folder / "config.json")
     try:
         return load(str(folder))
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelLoadError(f"cannot load the model in {folder}: {_first_line(error)}") from error
+    except Exception as error:  # a broken folder fails in many libraries' ways; the user gets one line
+        raise ModelLoadError(f"cannot load the model in {folder}: {_diagnose(folder, error)}") from error
+
+
+def _check_config(path: Path) -> None:
+    try:
+        config = json.loads(path.read_bytes())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(
+            f"{path} is not valid JSON ({error.msg}, line {error.lineno} column {error.colno})"
+        ) from None
+    except (OSError, ValueError) as error:  # unreadable, or not UTF-8
+        raise ModelLoadError(f"{path} cannot be read ({_first_line(error)})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object")
+
+
+def _diagnose(folder: Path, error: Exception) -> str:
+    """Why loading `folder` failed, in one line: the broken file where we can tell, else the error's gist."""
+    weights = sorted(folder.glob("*.safetensors"))
+    for path in weights:
+        if problem := _safetensors_problem(path):
+            return f"{path.name} {problem}"
+    if not weights and not any(folder.glob("*.bin")):
+        return "it has no weights (model.safetensors)"
+    for path in sorted(folder.glob("*.json")):  # tokenizer, processor and generation settings
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as bad:
+            return f"{path.name} is not valid JSON ({_first_line(bad)})"
+    text = _first_line(error)
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+    if "tokenizer" in text.lower() and not any((folder / name).exists() for name in tokenizer_files):
+        return f"it has no tokenizer files ({', '.join(tokenizer_files[:3])}...)"
+    if "image processor" in text.lower() and not (folder / "preprocessor_config.json").exists():
+        return "it has no image processor settings (preprocessor_config.json)"
+    if "ignore_mismatched_sizes" in text:
+        return "its weights do not fit its config.json (tensor shapes differ)"
+    text = text.split(". Should contain one of")[0]  # transformers lists every model type it knows
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, judged by its header (8-byte length, JSON, data offsets)."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        if size < 8 or length > size - 8:
+            return f"is truncated or corrupt ({size} bytes; its header does not fit in them)"
+        try:
+            header = json.loads(file.read(length))
+            offsets = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            end = max(offsets, default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "is corrupt (its header is not a safetensors header)"
+    if 8 + length + end > size:
+        return f"is truncated ({size} bytes, where its header says {8 + length + end})"
+    return None
 
 
 def _load_hub(hub_id: str, load: Callable[..., object]):
