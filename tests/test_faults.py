@@ -212,3 +212,24 @@ def test_a_full_disk_while_writing_sidecars_leaves_whole_files_and_a_rerun_finis
     assert "captioned 3, skipped 3 (already done)" in rerun.stderr
     assert all(image.with_suffix(".txt").read_text() for image in images)
     assert {name: (photos / name).read_text() for name in done} == first
+
+
+def test_a_csv_record_torn_after_a_newline_in_a_cell_is_cut_off(tmp_path, tiny_model_dir):
+    """--prefix may hold a newline, which CSV keeps inside a quoted cell; a kill just after it must not
+    leave a record that the next run reads as whole (or as a file that is not ours)."""
+    photos = tmp_path / "photos"
+    make_photos(photos, 3)
+    out = tmp_path / "out.csv"
+    flags = ["--output", out, "--prefix", "first line\nsecond line: "]
+    assert run(photos, *flags, model=tiny_model_dir).exit_code == 0
+    data = out.read_bytes()
+    last = data.rindex(b"\n", 0, len(data) - 1) + 1  # where the last record starts
+    while b"first line\n" not in data[last : len(data) - 1]:  # records span lines: find its start
+        last = data.rindex(b"\n", 0, last - 1) + 1
+    torn = data[: data.index(b"first line\n", last) + len(b"first line\n")]
+    assert torn.count(b'"') % 2 == 1  # cut inside the quoted caption, right after its newline
+    out.write_bytes(torn)
+    resumed = run(photos, *flags, model=tiny_model_dir)
+    assert resumed.exit_code == 0, resumed.output
+    assert "captioned 1, skipped 2 (already done)" in resumed.stderr
+    assert out.read_bytes() == data

@@ -144,6 +144,10 @@ class RowFileWriter(Writer):
         """Rows of complete records; raise ValueError, naming the record, on anything that is not ours."""
         raise NotImplementedError
 
+    def complete_records(self, data: bytes) -> bytes:
+        """`data` up to the end of its last whole record: here, its last newline."""
+        return data[: data.rfind(b"\n") + 1]
+
     def is_done(self, image: Path) -> bool:
         return os.path.abspath(image) in self._done
 
@@ -180,7 +184,7 @@ class RowFileWriter(Writer):
             data = self.path.read_bytes()
         except OSError as error:
             raise OutputError(f"{self.path}: cannot read ({error.strerror or error})") from error
-        complete = data[: data.rfind(b"\n") + 1]  # a kill mid-write leaves at most a partial last line
+        complete = self.complete_records(data)  # a kill mid-write leaves at most a partial last record
         try:
             rows = self.decode(complete.decode("utf-8"))
         except ValueError as error:  # includes UnicodeDecodeError and json errors
@@ -278,6 +282,19 @@ class CsvWriter(RowFileWriter):
                 for c in self.columns
             ]
         )
+
+    def complete_records(self, data: bytes) -> bytes:
+        """Up to the last newline outside quotes: a cell may hold a newline (from --prefix or --suffix),
+        and a record torn just after one must not be taken for a whole one (a quote toggles quoting; a
+        doubled quote toggles it twice)."""
+        end = position = 0
+        quoted = False
+        for line in data.split(b"\n")[:-1]:
+            position += len(line) + 1
+            quoted ^= line.count(b'"') % 2 == 1
+            if not quoted:
+                end = position
+        return data[:end]
 
     def decode(self, text: str) -> list[dict]:
         if not text:
