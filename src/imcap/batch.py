@@ -157,7 +157,8 @@ def caption_batches(
 
     def prepare(chunk: Sequence[Path]) -> tuple[list[Path], torch.Tensor | None, list[ImageLoadError]]:
         decoded, failed = _decode_each(chunk, captioner.max_pixels)
-        pixels = captioner.pixel_values([picture for _, picture in decoded]) if decoded else None
+        pictures = [picture for _, picture in decoded]
+        pixels = captioner.pixel_values(pictures, options) if decoded else None
         if split and pixels is not None:
             pixels = captioner.encode(pixels)
         return [path for path, _ in decoded], pixels, failed

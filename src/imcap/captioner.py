@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from imcap.concepts import ConceptTable, load_concept_table
 from imcap.engine import Decoded, Encoded, Engine, EngineOptions
+from imcap.families import ProcessorInputs, caption_text, check_prompt, one_by_one, prepare
 from imcap.generation import CaptionOptions, check_fits, generation_config
 from imcap.guidance import Guide, Plan
 from imcap.images import DEFAULT_MAX_PIXELS, ImageInput, as_image
@@ -46,6 +47,7 @@ class Captioner:
     ):
         self.loaded = loaded
         self.model = loaded.model.eval()
+        self.family = loaded.family  # processor-based checkpoints (imcap.families); None for imcap's own
         self.max_pixels = max_pixels  # images announcing more pixels are refused (see imcap.images)
         # greedy and beam search of VisionEncoderDecoder models go through imcap's engine (generate's tokens,
         # faster); use_engine=False sends everything to plain `generate`, as sampling and the prefix and
@@ -77,11 +79,20 @@ class Captioner:
     @property
     def max_caption_tokens(self) -> int | None:
         """The longest caption (in tokens) the decoder's position embeddings allow, if it has a limit."""
-        return max_caption_tokens(self.model)
+        return None if self.family else max_caption_tokens(self.model)
 
-    def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """(B, 3, H, W) model input for a batch of images, resized and normalised by the model's processor."""
+    def pixel_values(
+        self, images: Sequence[ImageInput], options: CaptionOptions | None = None
+    ) -> torch.Tensor | ProcessorInputs:
+        """(B, 3, H, W) model input for a batch of images, resized and normalised by the model's processor.
+
+        Processor-based models (imcap.families) get the processor's whole output instead, made with the
+        options' prompt: images and text together, as their `generate` takes them.
+        """
         pictures = [as_image(i, self.max_pixels) for i in images]
+        if self.family is not None:
+            prompt = options.prompt if options else None
+            return prepare(self.loaded.processor, self.family, pictures, prompt)
         return self.loaded.image_processor(pictures, return_tensors="pt")["pixel_values"]
 
     @torch.inference_mode()
@@ -96,7 +107,7 @@ class Captioner:
         batch = [images] if isinstance(images, _SINGLE) else list(images)
         if not batch:
             return []
-        return self.caption_pixels(self.pixel_values(batch), options)
+        return self.caption_pixels(self.pixel_values(batch, options), options)
 
     @torch.inference_mode()
     def caption_pixels(
@@ -105,6 +116,8 @@ class Captioner:
         """Caption a (B, 3, H, W) batch made by `pixel_values` (so a caller can prepare the next batch
         in another thread while this one runs)."""
         options = self._checked(options)
+        if isinstance(pixels, ProcessorInputs):
+            return self._caption_processed(pixels, options)
         pixels = pixels.to(self.model.dtype)
         if self.uses_engine(options):
             return self.caption_encoded(self.encode(pixels), options)
@@ -117,7 +130,23 @@ class Captioner:
     def _checked(self, options: CaptionOptions | None) -> CaptionOptions:
         options = (options or CaptionOptions()).validate()
         check_fits(options, self.max_caption_tokens)
+        self.check_prompt(options)
         return options
+
+    def check_prompt(self, options: CaptionOptions) -> None:
+        """Raise OptionsError (one line) when options.prompt does not suit this model."""
+        check_prompt(self.family, self.name, options)
+
+    def _caption_processed(self, inputs: ProcessorInputs, options: CaptionOptions) -> list[CaptionResult]:
+        """Caption a processor-made batch with plain `generate` (imcap.families)."""
+        processor = self.loaded.processor
+        if inputs.prompt != options.prompt:  # made for other options: make it again
+            inputs = prepare(processor, self.family, inputs.pictures, options.prompt)
+        if options.do_sample and options.seed is not None:  # as in caption_pixels: by image alone
+            return [
+                r for one in one_by_one(processor, self.family, inputs) for r in self._generate(one, options)
+            ]
+        return self._generate(inputs, options)
 
     def uses_engine(self, options: CaptionOptions) -> bool:
         """Whether these options go through imcap's engine (greedy and beam search do; sampling doesn't)."""
@@ -197,10 +226,15 @@ class Captioner:
             result.tags = [Tag(self.concepts.labels[c], p) for p, c in zip(probs, classes, strict=True)]
         return results
 
-    def _generate(self, pixels: torch.Tensor, options: CaptionOptions) -> list[CaptionResult]:
+    def _generate(
+        self, pixels: torch.Tensor | ProcessorInputs, options: CaptionOptions
+    ) -> list[CaptionResult]:
         config = generation_config(options, self.model.generation_config)
         config.update(return_dict_in_generate=True, output_scores=True)  # scores for the candidates
-        inputs, concept_probs = self._generate_inputs(pixels.to(self.model.device))
+        if isinstance(pixels, ProcessorInputs):
+            inputs, concept_probs = pixels.on(self.model), None
+        else:
+            inputs, concept_probs = self._generate_inputs(pixels.to(self.model.device))
         with _seeded(options.seed, self.model.device):
             out = self.model.generate(**inputs, generation_config=config)
         scores, lengths, generated = self._sequence_scores(out, config)
@@ -217,7 +251,8 @@ class Captioner:
 
     def _results(self, tokens: list[list[int]], scores, lengths, options) -> list[CaptionResult]:
         texts = self.loaded.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return _results([format_caption(t) for t in texts], tokens, scores, lengths, options)
+        display = caption_text if self.family else format_caption  # a VLM's case is kept
+        return _results([display(t) for t in texts], tokens, scores, lengths, options)
 
     def _sequence_scores(self, out, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(N,) sum of token log-probabilities of each returned sequence, (N,) its length in tokens, and

@@ -104,6 +104,15 @@ Int8Option = Annotated[
 PlainOption = Annotated[
     bool, _speed("--plain-generate", "Decode with plain transformers generate instead of imcap's engine.")
 ]
+PromptOption = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt",
+        help="Models that take one (imcap models): a chat model's instruction (default: a one-sentence "
+        "caption), BLIP's caption start, Florence-2's task token.",
+        rich_help_panel="Decoding",
+    ),
+]
 
 
 def _speed_settings(threads: int | None, onnx_encoder: bool, int8_decoder: bool, plain: bool):
@@ -226,6 +235,7 @@ def caption(
     ] = _DEFAULT.num_return_sequences,
     seed: Annotated[int | None, _decoding("--seed", "Makes sampling reproducible.")] = None,
     no_guide: NoGuideOption = False,
+    prompt: PromptOption = None,
     threads: ThreadsOption = None,
     onnx_encoder: OnnxOption = False,
     int8_decoder: Int8Option = False,
@@ -256,6 +266,7 @@ def caption(
         num_return_sequences=num_captions,
         seed=seed,
         guide=not no_guide,
+        prompt=prompt,
     )
     sidecar_extension = sidecar_ext if sidecar else None
     _check_numbers(batch_size, max_pixels, tags)
@@ -272,6 +283,7 @@ def caption(
         check_outputs(files, output, sidecar_extension)
         captioner = Captioner.from_pretrained(model, max_pixels or None, engine, use_engine)
         check_fits(options, captioner.max_caption_tokens)
+        captioner.check_prompt(options)
         settings = {**options.to_dict(), "prefix": prefix, "suffix": suffix}
         if caption_style != "sentence":  # rows of earlier versions, without the setting, still resume
             settings["caption_style"] = caption_style
@@ -363,6 +375,7 @@ def eval_command(
     int8_decoder: Int8Option = False,
     plain_generate: PlainOption = False,
     no_guide: NoGuideOption = False,
+    prompt: PromptOption = None,
 ) -> None:
     """Caption a split and print BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (pycocoevalcap).
 
@@ -373,7 +386,9 @@ def eval_command(
     from imcap.requirements import MissingRequirement, require_extra, require_java
 
     try:  # what needs no model first: settings, the metrics' extra and Java, the data
-        options = CaptionOptions(num_beams=beams, max_new_tokens=max_length, guide=not no_guide).validate()
+        options = CaptionOptions(
+            num_beams=beams, max_new_tokens=max_length, guide=not no_guide, prompt=prompt
+        ).validate()
         require_extra("train", "imcap eval", modules=("pycocoevalcap",))
         require_java("imcap eval")
     except (OptionsError, MissingRequirement) as error:
@@ -391,6 +406,8 @@ def eval_command(
         engine, use_engine = _speed_settings(threads, onnx_encoder, int8_decoder, plain_generate)
         captioner = Captioner.from_pretrained(model, engine=engine, use_engine=use_engine)
         report = evaluate(captioner, data, split, options, limit=limit, batch_size=batch_size)
+    except OptionsError as error:  # a prompt the model does not take
+        _fail(_as_flags(str(error)))
     except (DataError, ModelLoadError, MetricsError, ImageLoadError, AccelError) as error:
         _fail(str(error))
     for name, value in report.metrics.items():
@@ -603,6 +620,26 @@ def explain(
             f"  {word.word:<14} looked most at row {row}, col {col} ({word.grid.max():.0%}); "
             f"other tokens {word.other_share:.0%}"
         )
+
+
+@command()
+def models() -> None:
+    """List the model families imcap runs, with well-known hub ids, their size and licence, and which
+    take a --prompt. Information only: nothing is downloaded."""
+    from imcap.families import FAMILIES
+
+    typer.echo("family\tmodel_type\tprompt\tcheckpoint\tparams\tlicence")
+    for family in FAMILIES:
+        prompt = f"default: {family.default_prompt}" if family.default_prompt else "optional"
+        prompt = prompt if family.takes_prompt else "no"
+        for checkpoint in family.checkpoints:
+            row = (family.name, ",".join(family.model_types), prompt, *vars(checkpoint).values())
+            typer.echo("\t".join(row))
+    typer.echo(
+        "other image-text-to-text models of transformers load too (untested): with a chat template they "
+        "take --prompt (default: a one-sentence caption)",
+        err=True,
+    )
 
 
 def main() -> None:

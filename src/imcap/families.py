@@ -199,8 +199,8 @@ def check_prompt(family: Family | None, model_name: str, options: CaptionOptions
     if prompt is None:
         return
     if family is None or not family.takes_prompt:
-        kind = f"a {family.name} model" if family else "this model"
-        raise OptionsError(f"prompt: {model_name} is {kind}, which takes no prompt")
+        kind = family.name if family else "imcap's own architectures"
+        raise OptionsError(f"prompt: {model_name} ({kind}) does not take one; see imcap models")
     if family.inputs == TASK and prompt not in family.tasks:
         raise OptionsError(
             f"prompt must be one of {', '.join(family.tasks)} for {family.name}, got {prompt!r}"

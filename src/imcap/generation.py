@@ -47,6 +47,9 @@ class CaptionOptions:
     # models with a concept head (the shipped one): make the caption name a confident ImageNet concept
     # it would otherwise miss, by constrained beam search (imcap.guidance); False decodes unguided
     guide: bool = True
+    # models that take a prompt (imcap.families): a chat model's instruction, BLIP's caption start,
+    # Florence-2's task token; None: the model's default (none, or a short captioning instruction)
+    prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_beams is None:  # frozen: set once, here, so that every reader sees a number
@@ -61,7 +64,12 @@ class CaptionOptions:
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every setting; `prompt` only when one is given, so rows and answers of models without prompts
+        read as before (and resume files written before prompts existed)."""
+        values = asdict(self)
+        if values["prompt"] is None:
+            del values["prompt"]
+        return values
 
     def _type_checks(self) -> list[tuple[bool, str]]:
         checks = []
@@ -73,6 +81,8 @@ class CaptionOptions:
             elif field.type == "float":
                 ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
                 checks.append((ok, f"{field.name} must be a finite number, got {value!r}"))
+            elif field.type == "str | None" and value is not None:
+                checks.append((isinstance(value, str), f"{field.name} must be text, got {value!r}"))
             elif field.type == "bool":
                 checks.append((isinstance(value, bool), f"{field.name} must be true or false, got {value!r}"))
         return checks
@@ -95,6 +105,7 @@ class CaptionOptions:
                 f"num_return_sequences must be >= 1, got {self.num_return_sequences}",
             ),
             (self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (self.prompt is None or self.prompt.strip() != "", "prompt must not be empty"),
         ]
 
     def _combination_checks(self) -> list[tuple[bool, str]]:

@@ -42,6 +42,7 @@ from imcap.encoder import (
     EfficientNetLiteEncoderConfig,
 )
 from imcap.encoder import register as register_encoder
+from imcap.families import Family, is_image_to_text, load_processor_model
 from imcap.guidance import GuidanceSettings
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -81,6 +82,10 @@ class LoadedModel:
     name: str
     # thresholds of guided decoding (imcap.guidance), for models with a concept head that have them saved
     guidance: GuidanceSettings | None = None
+    # checkpoints loaded with their transformers processor (BLIP, GIT, chat VLMs...: imcap.families); the
+    # processor builds generate's inputs, tokenizer and image_processor are its parts
+    processor: object | None = None
+    family: Family | None = None
 
 
 def image_processor_for(encoder_config: EfficientNetLiteEncoderConfig) -> ViTImageProcessorPil:
@@ -184,7 +189,9 @@ def register() -> None:
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a captioning model: None (the shipped default), a local folder or a hub id.
 
-    Any architecture of CAPTIONERS: VisionEncoderDecoder checkpoints (ours or the hub's), prefix, LSTM.
+    Any architecture of CAPTIONERS: VisionEncoderDecoder checkpoints (ours or the hub's), prefix, LSTM;
+    and any image-to-text checkpoint transformers' AutoModelForImageTextToText and AutoProcessor load
+    (BLIP, GIT, Florence-2, LLaVA, Idefics3/SmolVLM, Qwen2-VL, ...: imcap.families).
     """
     register()
     source = str(DEFAULT_MODEL_DIR if name_or_path is None else name_or_path)
@@ -295,7 +302,12 @@ def _from_pretrained(
     source: str, dtype: torch.dtype, name: str, local_files_only: bool = False
 ) -> LoadedModel:
     kwargs = {"local_files_only": local_files_only}
-    model_class = captioner_class(PretrainedConfig.get_config_dict(source, **kwargs)[0].get("model_type"))
+    model_type = PretrainedConfig.get_config_dict(source, **kwargs)[0].get("model_type")
+    if model_type not in CAPTIONERS and is_image_to_text(model_type):
+        model, processor, family = load_processor_model(source, dtype, **kwargs)
+        tokenizer, image_processor = processor.tokenizer, processor.image_processor
+        return LoadedModel(model, tokenizer, image_processor, name, processor=processor, family=family)
+    model_class = captioner_class(model_type)
     model = model_class.from_pretrained(source, dtype=dtype, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
@@ -311,7 +323,8 @@ def _from_pretrained(
 def captioner_class(model_type: str | None) -> type[PreTrainedModel]:
     if model_type not in CAPTIONERS:
         raise ValueError(
-            f"model_type {model_type!r} is not a captioning model imcap knows ({', '.join(CAPTIONERS)})"
+            f"model_type {model_type!r} is not an image-to-text model (imcap takes {', '.join(CAPTIONERS)} "
+            "and the image-text-to-text models of transformers; see imcap models)"
         )
     return CAPTIONERS[model_type]
 

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import imcap
 from imcap.captioner import Captioner
 from imcap.explain import ExplainError, Explanation, check_explainable
+from imcap.generation import OptionsError
 from imcap.serving.queue import Batcher, Captioned, QueueFull, ShuttingDown
 from imcap.serving.schemas import CaptionsOut, ErrorOut, ModelsOut, caption_form_schema
 from imcap.serving.settings import API_KEY_VARIABLE, ServeSettings
@@ -117,6 +118,7 @@ def _add_routes(
             caption_request = await read_caption_request(form, settings, max_tokens, default_model)
         if caption_request.return_attention:
             _check_explainable(captioners[caption_request.model])
+        _check_prompt(captioners[caption_request.model], caption_request.options)
         batcher.check_room(len(caption_request.uploads))  # a full queue answers 503 before any decoding
         decode_started = time.perf_counter()
         decoded = await anyio.to_thread.run_sync(decode_all, caption_request)
@@ -138,6 +140,16 @@ def _add_routes(
                 headers={"Retry-After": "1"},
             ) from None
         return _response(caption_request, decoded, done, decode_ms, _ms_since(started))
+
+
+def _check_prompt(captioner: Captioner, options) -> None:
+    """422 for a prompt the model does not take (imcap.families), before any image is decoded."""
+    if options.prompt is None:  # nothing to check (and stand-ins for a Captioner need no check_prompt)
+        return
+    try:
+        captioner.check_prompt(options)
+    except OptionsError as error:
+        raise RequestError(422, str(error)) from error
 
 
 def _best_scores(candidates: list) -> dict:

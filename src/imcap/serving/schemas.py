@@ -104,7 +104,13 @@ class ErrorOut(BaseModel):
     detail: str = Field(description="one line saying what was wrong")
 
 
-_JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "int | None": "integer"}
+_JSON_TYPES = {
+    "int": "integer",
+    "float": "number",
+    "bool": "boolean",
+    "int | None": "integer",
+    "str | None": "string",  # prompt: models that take one (imcap.families)
+}
 
 
 def caption_form_schema() -> dict:

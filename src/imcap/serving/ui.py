@@ -85,6 +85,11 @@ def build_ui(batcher: Batcher, captioners: Mapping[str, Captioner], settings: Se
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", interactive=False)
                 count = gr.Slider(1, settings.max_beams, value=1, step=1, label="Captions per photo")
                 guide = gr.Checkbox(value=True, label="Name what the classifier sees (guided captions)")
+                prompt = gr.Textbox(  # shown when a loaded model takes a prompt (imcap.families)
+                    label="Prompt (models that take one; empty: the model's default)",
+                    visible=any(c.family and c.family.takes_prompt for c in captioners.values()),
+                    elem_id="prompt",
+                )
                 button = gr.Button("Caption", variant="primary")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(
@@ -115,7 +120,7 @@ def build_ui(batcher: Batcher, captioners: Mapping[str, Captioner], settings: Se
         explained = gr.State([])  # (photo path, Explanation) per photo of the last caption click
         _examples(photos, settings.examples_dir)
         sample.change(lambda on: [gr.update(interactive=on)] * 3, sample, [temperature, top_k, top_p])
-        inputs = [photos, model, max_length, beams, sample, temperature, top_k, top_p, count, guide]
+        inputs = [photos, model, max_length, beams, sample, temperature, top_k, top_p, count, guide, prompt]
         handler = caption_handler(batcher, captioners, settings, explain=True)
         clicked = button.click(handler, inputs, [gallery, table, explained, explain_pick])
         clicked.success(draw_explanation, [explained, explain_pick], explain_figure)
@@ -138,15 +143,19 @@ def caption_handler(
     caption (models that attend to image tokens) and the Explain view's photo picker, the first picked.
     """
 
-    def caption(photos, model, max_length, beams, sample, temperature, top_k, top_p, count, guide=True):
+    def caption(
+        photos, model, max_length, beams, sample, temperature, top_k, top_p, count, guide=True, prompt=""
+    ):
         paths = [Path(path) for path, _ in photos or []]  # the gallery gives (path, caption) pairs
         if not paths:
             raise gr.Error("Upload one or more photos first.")
         if len(paths) > settings.max_images_per_request:
             raise gr.Error(f"At most {settings.max_images_per_request} photos at a time.")
-        options = _options(max_length, beams, sample, temperature, top_k, top_p, count, guide)
+        options = _options(max_length, beams, sample, temperature, top_k, top_p, count, guide, prompt)
         try:
             check_fits(options, captioners[model].max_caption_tokens)
+            if options.prompt is not None:
+                captioners[model].check_prompt(options)
             images = [_decode(path, i, settings) for i, path in enumerate(paths)]
             attention = explain and _explainable(captioners[model])
             futures = batcher.submit(model, images, options, attention=attention)
@@ -202,7 +211,9 @@ def _rows(name: str, result: CaptionResult) -> list[list]:
     return rows
 
 
-def _options(max_length, beams, sample, temperature, top_k, top_p, count, guide=True) -> CaptionOptions:
+def _options(
+    max_length, beams, sample, temperature, top_k, top_p, count, guide=True, prompt=""
+) -> CaptionOptions:
     # the sampling sliders always hold a value; they count only when sampling is on
     sampling = {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
     try:
@@ -212,6 +223,7 @@ def _options(max_length, beams, sample, temperature, top_k, top_p, count, guide=
             do_sample=bool(sample),
             num_return_sequences=int(count),
             guide=bool(guide),
+            prompt=prompt.strip() or None if prompt else None,
             **(sampling if sample else {}),
         ).validate()
     except OptionsError as error:

@@ -143,8 +143,10 @@ async def _options_json(form: FormData) -> dict:
     return values
 
 
-def _from_text(name: str, text: str) -> int | float | bool | None:
+def _from_text(name: str, text: str) -> int | float | bool | str | None:
     """A form field's text as the setting's type; the messages match CaptionOptions.validate's."""
+    if SETTING_TYPES[name] == "str | None":  # prompt: the text as sent, empty meaning "the default"
+        return text if text.strip() else None
     kind, text = SETTING_TYPES[name], text.strip()
     try:
         if kind == "int | None":  # seed, num_beams: empty or null means "the default"
