@@ -8,6 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 from imcap import accel
 from imcap.captioner import Captioner
+from imcap.compat import cache_keyword
 from imcap.engine import Engine, EngineOptions, _new_cache
 from imcap.generation import CaptionOptions
 from imcap.modeling import load_model
@@ -25,9 +26,8 @@ def seeing(seeing_model_dir):
 def next_token_logits(decoder, hidden: torch.Tensor) -> torch.Tensor:
     start = torch.full((hidden.shape[0], 1), 1, dtype=torch.long)
     with torch.inference_mode():
-        return decoder(
-            input_ids=start, encoder_hidden_states=hidden, past_key_values=_new_cache(decoder)
-        ).logits
+        cache = {cache_keyword(decoder): _new_cache(decoder)}
+        return decoder(input_ids=start, encoder_hidden_states=hidden, **cache).logits
 
 
 def test_int8_decoder_quantises_every_linear_layer_and_stays_close(seeing):

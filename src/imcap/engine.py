@@ -21,8 +21,6 @@ Sampling is not here: the Captioner sends it to `generate`, where seeded samplin
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,6 +37,7 @@ from transformers.generation import (
     RepetitionPenaltyLogitsProcessor,
 )
 
+from imcap.compat import cache_keyword
 from imcap.encoder import EfficientNetLiteEncoder
 
 if TYPE_CHECKING:  # imcap.guided imports this module
@@ -266,19 +265,8 @@ def _new_cache(decoder: nn.Module) -> EncoderDecoderCache:
 def _run_decoder(decoder, input_ids: torch.Tensor, hidden: torch.Tensor, cache) -> torch.Tensor:
     """(rows, T, V) float32 logits of `input_ids` after what the cache holds (and fills it)."""
     return decoder(
-        input_ids=input_ids, encoder_hidden_states=hidden, use_cache=True, **{_cache_argument(decoder): cache}
+        input_ids=input_ids, encoder_hidden_states=hidden, use_cache=True, **{cache_keyword(decoder): cache}
     ).logits.float()
-
-
-@functools.cache
-def _cache_argument_of(forward) -> str:
-    # transformers 5.24 renamed the decoders' `past_key_values` to `cache` (the old name warns on every
-    # call); the releases before it know only the old name
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
-def _cache_argument(decoder) -> str:
-    return _cache_argument_of(type(decoder).forward)
 
 
 def _next_logits(decoder, tokens, hidden, cache) -> torch.Tensor:

@@ -31,6 +31,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
+from imcap.compat import cache_keyword
 from imcap.encoder import EfficientNetLiteEncoder, EfficientNetLiteEncoderConfig
 from imcap.generation import OptionsError
 
@@ -133,6 +134,7 @@ class PrefixCaptioner(PreTrainedModel, GenerationMixin):
         prefix_length: int | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """GPT-2 over embeddings whose first `prefix_length` positions are the prefix.
@@ -141,6 +143,7 @@ class PrefixCaptioner(PreTrainedModel, GenerationMixin):
         `attention_mask`; with a filled cache the new tokens see all of it, causally. `labels` (B, L) are
         aligned with the input; only caption positions count (`caption_loss`).
         """
+        past_key_values = cache if cache is not None else past_key_values  # generate passes either name
         if inputs_embeds is None:  # (generate's later steps pass token ids)
             inputs_embeds = self.get_input_embeddings()(input_ids)
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
@@ -153,8 +156,8 @@ class PrefixCaptioner(PreTrainedModel, GenerationMixin):
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{cache_keyword(self.decoder): past_key_values},
             **kwargs,
         )
         loss = caption_loss(out.logits, labels, prefix_length) if labels is not None else None
