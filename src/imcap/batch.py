@@ -138,7 +138,11 @@ class CaptionedBatch:
 
 
 def caption_batches(
-    captioner: Captioner, images: Sequence[Path], options: CaptionOptions, batch_size: int = 16
+    captioner: Captioner,
+    images: Sequence[Path],
+    options: CaptionOptions,
+    batch_size: int = 16,
+    load: Callable[[object], Image.Image] | None = None,
 ) -> Iterator[CaptionedBatch]:
     """Caption `images` in batches, as a pipeline: worker threads read, preprocess and encode the next
     batches while this thread decodes the captions of the current one.
@@ -147,7 +151,8 @@ def caption_batches(
     that beats running each stage with all cores in turn, because the decoder's many small operations
     cost more in thread start-up and synchronisation than they gain from a second core. Sampling (and
     a Captioner without the engine) pipelines only reading and preprocessing. Each file is decoded on
-    its own, so a bad one is only reported.
+    its own, so a bad one is only reported. `load` reads other kinds of items (imcap.sources: a shard's
+    images as bytes) into pictures, raising ImageLoadError for a bad one; `paths` then holds those items.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -156,7 +161,7 @@ def caption_batches(
     cores = torch.get_num_threads()
 
     def prepare(chunk: Sequence[Path]) -> tuple[list[Path], torch.Tensor | None, list[ImageLoadError]]:
-        decoded, failed = _decode_each(chunk, captioner.max_pixels)
+        decoded, failed = _decode_each(chunk, captioner.max_pixels, load)
         pictures = [picture for _, picture in decoded]
         pixels = captioner.pixel_values(pictures, options) if decoded else None
         if split and pixels is not None:
@@ -203,12 +208,12 @@ def _torch_threads(count: int) -> Iterator[None]:
 
 
 def _decode_each(
-    chunk: Sequence[Path], max_pixels: int | None
+    chunk: Sequence[Path], max_pixels: int | None, load: Callable | None = None
 ) -> tuple[list[tuple[Path, Image.Image]], list[ImageLoadError]]:
     decoded, failed = [], []
     for path in chunk:
         try:
-            decoded.append((path, load_image(path, max_pixels)))
+            decoded.append((path, load(path) if load else load_image(path, max_pixels)))
         except ImageLoadError as error:
             failed.append(error)
     return decoded, failed

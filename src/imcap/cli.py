@@ -240,8 +240,23 @@ def caption(
     onnx_encoder: OnnxOption = False,
     int8_decoder: Int8Option = False,
     plain_generate: PlainOption = False,
+    engine_name: Annotated[
+        str,
+        _scale("--engine", "local: this process; ray: a Ray Data actor pool (pip install 'imcap[ray]')."),
+    ] = "local",
+    address: Annotated[
+        str | None, _scale("--address", "Ray cluster to join: auto, ray://HOST:10001 (default: a local one).")
+    ] = None,
+    workers: Annotated[int, _scale("--workers", "Ray: Captioner actors (each with cores / N threads).")] = 1,
+    image_column: Annotated[
+        str | None,
+        _scale("--image-column", "Tables (.parquet/.csv/.jsonl): the column of image paths or bytes."),
+    ] = None,
 ) -> None:
     """Caption images: `path<TAB>caption` lines on stdout, or rows in a JSONL/CSV file, or sidecar files.
+
+    Datasets too: WebDataset .tar shards and Parquet/CSV/JSONL tables in, OUT.parquet (a folder of parts),
+    OUT.wds (shards with KEY.txt) or DIR/metadata.jsonl (Hugging Face imagefolder) out, also on Ray.
 
     Rerunning the same command continues where an interrupted run stopped.
     """
@@ -273,6 +288,17 @@ def caption(
     if caption_style not in CAPTION_STYLES:
         _fail(f"--caption-style must be one of {', '.join(CAPTION_STYLES)}, got {caption_style!r}")
     engine, use_engine = _speed_settings(threads, onnx_encoder, int8_decoder, plain_generate)
+    if engine_name != "local" or _is_dataset_run(paths, output):
+        from imcap.datasets_run import DatasetRun, run_dataset
+
+        run = DatasetRun(
+            paths, output, model, options, engine=engine_name, address=address, workers=workers,
+            image_column=image_column, batch_size=batch_size, max_pixels=max_pixels or None,
+            engine_options=engine, use_engine=use_engine, prefix=prefix, suffix=suffix,
+            style=caption_style, tags=tags, overwrite=overwrite,
+        )  # fmt: skip
+        _finish(run_dataset(run, sidecar_extension, _print_image_error, sys.stderr.isatty()), allow_failures)
+        return
     try:  # everything that can be checked without the model first
         options.validate()
         files = find_images(paths, recursive)
@@ -346,6 +372,33 @@ def _print_image_error(error) -> None:
     from tqdm import tqdm
 
     tqdm.write(f"error: {str(error).replace('max_pixels=', '--max-pixels ')}", file=sys.stderr)
+
+
+def _scale(flag: str, help: str):
+    return typer.Option(flag, help=help, rich_help_panel="Datasets and Ray")
+
+
+def _is_dataset_run(paths: list[str], output: Path | None) -> bool:
+    """Shards or tables in, or a dataset format out: the unit-by-unit engines (imcap.datasets_run)."""
+    from imcap.datasets_out import is_dataset_output
+    from imcap.sources import is_dataset_input
+
+    return any(map(is_dataset_input, paths)) or is_dataset_output(output)
+
+
+def _finish(outcome, allow_failures: bool) -> None:
+    """A dataset run's end: its summary line, or its error; the exit code as for files."""
+    from imcap.batch import BatchInterrupted
+
+    if isinstance(outcome, str):
+        _fail(_as_flags(outcome))
+    if isinstance(outcome, BatchInterrupted):
+        captioned = outcome.summary.captioned
+        typer.echo(f"interrupted: {captioned} captioned; rerun the same command to continue", err=True)
+        raise typer.Exit(130)
+    typer.echo(outcome.line(), err=True)
+    if outcome.failed and not allow_failures:
+        raise typer.Exit(1)
 
 
 def _check_numbers(batch_size: int, max_pixels: int, tags: int) -> None:

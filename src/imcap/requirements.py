@@ -11,6 +11,8 @@ EXTRAS = {
     "train": ("pycocoevalcap", "matplotlib"),
     "serve": ("fastapi", "uvicorn", "multipart", "gradio"),
     "accel": ("onnxruntime", "onnx", "onnxscript"),
+    "parquet": ("pyarrow",),
+    "ray": ("ray", "pyarrow"),
 }
 JAVA_HINT = "apt-get install -y default-jre-headless"
 
