@@ -17,6 +17,7 @@ is whole or absent, and a rerun after a crash, SIGKILL or Ctrl-C skips every fin
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import sys
 import time
@@ -32,6 +33,8 @@ from imcap.images import ImageLoadError
 from imcap.shards import UnitSummary
 from imcap.sources import Unit, read_unit
 
+# tests: seconds to wait after writing each unit, so that a run can be killed between two of them
+_UNIT_DELAY = float(os.environ.get("IMCAP_TEST_UNIT_DELAY", "0"))
 READ_CPUS = 0.5  # what a read task reserves: reading a shard is I/O, and the actors need the cores
 
 
@@ -113,6 +116,7 @@ def _run(loader, units, sink, options, workers, batch_size, framing, progress, o
                     rows = [found[i] for i in sorted(found)]
                     sink.write_unit(pending[unit], rows)
                     summary.captioned += len(rows)
+                    time.sleep(_UNIT_DELAY)
                 bar.update(1)
         for number, unit in enumerate(pending):  # units with nothing left to caption: an empty part
             if number not in seen:
