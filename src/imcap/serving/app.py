@@ -45,7 +45,9 @@ _ERRORS = {status: {"model": ErrorOut} for status in (400, 401, 413, 422, 503)}
 def create_app(captioners: Mapping[str, Captioner], settings: ServeSettings | None = None) -> FastAPI:
     """The whole server for these models (id -> Captioner; the first is the default)."""
     settings = (settings or ServeSettings()).validate()
-    batcher = Batcher(captioners, settings.queue_size, settings.max_batch, settings.max_wait_ms)
+    batcher = Batcher(
+        captioners, settings.queue_size, settings.max_batch, settings.max_wait_ms, settings.threads
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

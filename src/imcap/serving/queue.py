@@ -1,11 +1,18 @@
-"""The batcher: images from many requests, captioned together in shared model calls by one worker thread.
+"""The batcher: images from many requests, captioned together in shared model calls, as a pipeline.
 
-Requests decode their uploads themselves and `submit` the pictures; the worker takes the oldest waiting
-image, waits at most `max_wait_ms` for others with the same (model, options) to arrive, and captions up
-to `max_batch` of them in one `captioner(...)` call. One thread runs every model call, so the process
-holds one instance of each model and torch's CPU threads are never oversubscribed by parallel calls.
-The queue is bounded in images: past `queue_size` waiting images `submit` raises QueueFull at once,
-and the server answers 503 instead of letting memory pile up.
+Requests decode their uploads themselves and `submit` the pictures. A feeder thread forms batches: the
+oldest waiting image, with up to `max_batch - 1` others of the same (model, options), waiting at most
+`max_wait_ms` for company. For a Captioner, worker threads (one torch thread each) then preprocess the
+batch and, for greedy and beam search (`Captioner.uses_engine`), run the encoder, while one model thread
+decodes the batch before it: the pipeline of `imcap.batch.caption_batches`, with batches formed across
+requests. The feeder reads ahead at most `_READ_AHEAD` batches, and forms a batch short of `max_batch`
+only when the model thread has nothing else ready, so that under load batches fill up while one is
+decoded. Other callables (stand-ins in tests) are called whole in the model thread, one batch at a time.
+
+One model thread and a fixed pool, so the process holds one instance of each model and torch's threads
+stay bounded. The queue is bounded in images: past `queue_size` images waiting for the model (formed
+into a batch or not), `submit` raises QueueFull at once, and the server answers 503 instead of letting
+memory pile up. A request that gives up cancels its images; any not yet in a model call cost no decoding.
 """
 
 from __future__ import annotations
@@ -14,14 +21,17 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from PIL import Image
 
 from imcap.captioner import Captioner, CaptionResult
+from imcap.engine import Encoded
 from imcap.generation import CaptionOptions
 
 if TYPE_CHECKING:
@@ -29,6 +39,7 @@ if TYPE_CHECKING:
 
 _SECONDS_PER_IMAGE_GUESS = 0.2  # Retry-After estimate before the first batch has been timed
 _SMOOTHING = 0.2  # weight of the newest batch in the moving average of seconds per image
+_READ_AHEAD = 2  # batches formed (and being prepared) beyond the one the model thread decodes
 
 
 class QueueFull(Exception):
@@ -63,8 +74,15 @@ class _Item:
     attention: bool = False  # also explain the caption (imcap.explain); not part of the key: batches mix
 
 
+@dataclass
+class _Batch:
+    items: list[_Item]
+    parts: list[Future] | None  # the workers' preprocessed (and encoded) slices; None: call the model whole
+
+
 class Batcher:
-    """Bounded queue + one worker thread; `submit` is thread-safe and never blocks on the model."""
+    """Bounded queue, a feeder, `threads` preprocessing workers and one model thread; `submit` is
+    thread-safe and never blocks on the model."""
 
     def __init__(
         self,
@@ -72,20 +90,31 @@ class Batcher:
         queue_size: int = 64,
         max_batch: int = 8,
         max_wait_ms: float = 10.0,
+        threads: int | None = None,
     ):
         self.captioners = dict(captioners)
         self.queue_size, self.max_batch, self.max_wait_s = queue_size, max_batch, max_wait_ms / 1000
+        self.threads = threads or torch.get_num_threads()  # torch threads of a whole (unsplit) model call
         self._pending: deque[_Item] = deque()
+        self._ready: deque[_Batch] = deque()  # formed, waiting for the model thread
+        self._busy = False  # the model thread is in a model call
         self._condition = threading.Condition()
         self._closed = False
         self._seconds_per_image = _SECONDS_PER_IMAGE_GUESS
-        self._worker = threading.Thread(target=self._run, name="imcap-batcher", daemon=True)
-        self._worker.start()
+        self._pool = ThreadPoolExecutor(
+            self.threads, "imcap-prepare", initializer=torch.set_num_threads, initargs=(1,)
+        )
+        self._loops = [
+            threading.Thread(target=self._feed, name="imcap-feeder", daemon=True),
+            threading.Thread(target=self._run, name="imcap-batcher", daemon=True),
+        ]
+        for thread in self._loops:
+            thread.start()
 
     @property
     def pending(self) -> int:
-        """Images waiting for a model call (the one running is not counted)."""
-        return len(self._pending)
+        """Images waiting for a model call (those in the running one are not counted)."""
+        return len(self._pending) + sum(len(batch.items) for batch in self._ready)
 
     def submit(
         self, model: str, images: Sequence[Image.Image], options: CaptionOptions, attention: bool = False
@@ -102,55 +131,72 @@ class Batcher:
         with self._condition:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._pending) + len(items) > self.queue_size:
+            if self.pending + len(items) > self.queue_size:
                 raise QueueFull(self._retry_after_s(len(items)))
             self._pending.extend(items)
-            self._condition.notify()
+            self._condition.notify_all()
         return [item.future for item in items]
 
     def check_room(self, count: int) -> None:
         """Raise QueueFull if `count` more images would not fit now (a hint: `submit` decides)."""
-        if len(self._pending) + count > self.queue_size:
+        if self.pending + count > self.queue_size:
             raise QueueFull(self._retry_after_s(count))
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the worker after its current batch; images still waiting fail with ShuttingDown."""
+        """Stop after the current model call; images still waiting fail with ShuttingDown."""
         with self._condition:
             self._closed = True
-            left, self._pending = list(self._pending), deque()
+            left = list(self._pending) + [item for batch in self._ready for item in batch.items]
+            self._pending, self._ready = deque(), deque()
             self._condition.notify_all()
-        for item in left:
-            if item.future.set_running_or_notify_cancel():
-                item.future.set_exception(ShuttingDown("the server shut down before this image's turn"))
-        self._worker.join(timeout_s)
+        _fail(left, ShuttingDown("the server shut down before this image's turn"))
+        for thread in self._loops:
+            thread.join(timeout_s)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _retry_after_s(self, extra: int) -> int:
         """Seconds until the queue has room for `extra` more images, at the recent captioning speed."""
-        excess = len(self._pending) + extra - self.queue_size
+        excess = self.pending + extra - self.queue_size
         return max(1, math.ceil(max(excess, self.max_batch) * self._seconds_per_image))
 
-    def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            if batch:
-                self._caption(batch)
+    # --- the feeder: forms batches and hands them to the workers ---------------------------------------
 
-    def _next_batch(self) -> list[_Item] | None:
-        """The next batch to caption ([] if all its images were cancelled), or None once closed."""
+    def _feed(self) -> None:
         with self._condition:
-            while not self._pending and not self._closed:
-                self._condition.wait()
-            if self._closed:
-                return None
-            key = self._pending[0].key
-            # Wait for company only while the oldest image is younger than max_wait: under load the
-            # backlog fills batches by itself, and nobody waits twice.
-            deadline = self._pending[0].submitted + self.max_wait_s
-            while self._count(key) < self.max_batch and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._condition.wait(left)
-            return self._take(key)
+            while not self._closed:
+                items, wait_s = self._due_batch()
+                if items is None:
+                    self._condition.wait(wait_s)
+                elif items:  # [] when every image of the batch was cancelled
+                    self._ready.append(_Batch(items, self._prepare(items)))
+                    self._condition.notify_all()
+
+    def _due_batch(self) -> tuple[list[_Item] | None, float | None]:
+        """(the next batch, None) if it is time to form it, else (None, seconds to wait or None: until
+        woken). Called holding the condition.
+
+        A full batch is formed as long as fewer than _READ_AHEAD wait for the model thread; one short of
+        max_batch only when the model thread would otherwise have nothing to do next, and once the
+        oldest image has waited max_wait for company. For a plain callable (no pipeline) only when the
+        model thread is idle: one batch at a time.
+        """
+        if not self._pending:
+            return None, None
+        key = self._pending[0].key
+        if isinstance(self.captioners[key[0]], Captioner):
+            if len(self._ready) >= _READ_AHEAD:
+                return None, None
+            idle = not self._ready
+        elif self._ready or self._busy:
+            return None, None
+        else:
+            idle = True
+        if self._count(key) >= self.max_batch:
+            return self._take(key), None
+        if not idle:
+            return None, None
+        left = self._pending[0].submitted + self.max_wait_s - time.monotonic()
+        return (self._take(key), None) if left <= 0 else (None, left)
 
     def _count(self, key: tuple[str, CaptionOptions]) -> int:
         return sum(item.key == key for item in self._pending)
@@ -162,34 +208,143 @@ class Batcher:
             (taken if item.key == key and len(taken) < self.max_batch else kept).append(item)
         self._pending = kept
         # a request that timed out or disconnected cancelled its futures: its images cost no model time
-        return [item for item in taken if item.future.set_running_or_notify_cancel()]
+        return [item for item in taken if not item.future.cancelled()]
 
-    def _caption(self, batch: list[_Item]) -> None:
-        model, options = batch[0].key
+    def _prepare(self, items: list[_Item]) -> list[Future] | None:
+        """Preprocess (and encode) a Captioner's batch in the workers, in up to `threads` slices."""
+        model, options = items[0].key
+        captioner = self.captioners[model]
+        if not isinstance(captioner, Captioner):
+            return None
+        images = [item.image for item in items]
+        # a processor's output (imcap.families) is not cut and joined again: one slice
+        slices = _slices(images, self.threads if captioner.family is None else 1)
+        return [self._pool.submit(_prepared, captioner, part, options) for part in slices]
+
+    # --- the model thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (batch := self._next_ready()) is not None:
+            try:
+                self._caption(batch)
+            finally:
+                with self._condition:
+                    self._busy = False
+                    self._condition.notify_all()
+
+    def _next_ready(self) -> _Batch | None:
+        with self._condition:
+            while not self._ready and not self._closed:
+                self._condition.wait()
+            if self._closed:
+                return None
+            batch = self._ready.popleft()
+            self._busy = True
+            self._condition.notify_all()  # the feeder may form the next batch
+            return batch
+
+    def _caption(self, batch: _Batch) -> None:
+        # from here on an image cannot be cancelled; those cancelled while their batch was prepared drop out
+        live = [i for i, item in enumerate(batch.items) if item.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        items = [batch.items[i] for i in live]
+        model, options = items[0].key
+        captioner = self.captioners[model]
         started = time.monotonic()
         try:
-            results = self.captioners[model]([item.image for item in batch], options)
-        except Exception as error:  # reported to each waiting request, never kills the worker
-            for item in batch:
-                item.future.set_exception(error)
+            results = self._call_model(captioner, batch, live, options)
+        except Exception as error:  # reported to each waiting request, never kills the thread
+            _fail(items, error)
             return
         try:
-            explanations = _explained(self.captioners[model], batch, results)
+            with _torch_threads(self.threads):
+                explanations = _explained(captioner, items, results)
         except Exception as error:  # fails the images that asked for it, not the others of the batch
-            explanations = [error if item.attention else None for item in batch]
+            explanations = [error if item.attention else None for item in items]
         model_s = time.monotonic() - started
-        self._seconds_per_image += _SMOOTHING * (model_s / len(batch) - self._seconds_per_image)
-        for item, result, explanation in zip(batch, results, explanations, strict=True):
+        self._seconds_per_image += _SMOOTHING * (model_s / len(items) - self._seconds_per_image)
+        for item, result, explanation in zip(items, results, explanations, strict=True):
             if isinstance(explanation, Exception):
                 item.future.set_exception(explanation)
                 continue
             queued_s = started - item.submitted
-            item.future.set_result(Captioned(result, queued_s, model_s, len(batch), explanation))
+            item.future.set_result(Captioned(result, queued_s, model_s, len(items), explanation))
+
+    def _call_model(self, captioner, batch: _Batch, live: list[int], options) -> list[CaptionResult]:
+        """Captions of the live images: decoded from the workers' output, or the whole call here."""
+        if batch.parts is None:
+            with _torch_threads(self.threads):
+                return captioner([batch.items[i].image for i in live], options)
+        prepared = _joined([part.result() for part in batch.parts])
+        rows = _rows(prepared, live) if len(live) < len(batch.items) else prepared
+        if isinstance(prepared, Encoded):  # the encoder ran in the workers: decode on one thread
+            with _torch_threads(1):
+                results = captioner.caption_encoded(rows, options)
+        else:
+            with _torch_threads(self.threads):
+                results = captioner.caption_pixels(rows, options)
+        if rows is prepared and len(live) < len(batch.items):  # could not be cut: captioned all
+            results = [results[i] for i in live]
+        return results
+
+
+def _prepared(captioner: Captioner, images: list[Image.Image], options: CaptionOptions):
+    """In a worker: model input for these images, already encoded when the engine decodes them."""
+    pixels = captioner.pixel_values(images, options)
+    return captioner.encode(pixels) if captioner.uses_engine(options) else pixels
+
+
+def _slices(images: list, count: int) -> list[list]:
+    """`images` in up to `count` contiguous slices of near-equal size."""
+    size = math.ceil(len(images) / max(1, min(count, len(images))))
+    return [images[start : start + size] for start in range(0, len(images), size)]
+
+
+def _joined(parts: list):
+    """The workers' slices as one batch: Encoded or pixel tensors concatenated in order."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], Encoded):
+        probs = [part.concept_probs for part in parts]
+        joined_probs = None if any(p is None for p in probs) else torch.cat(probs)
+        return Encoded(torch.cat([part.hidden for part in parts]), joined_probs)
+    return torch.cat(parts)
+
+
+def _rows(prepared, rows: list[int]):
+    """Only these rows of a prepared batch (Encoded or pixels); a processor's output is returned whole."""
+    if isinstance(prepared, Encoded):
+        probs = prepared.concept_probs
+        return Encoded(prepared.hidden[rows], None if probs is None else probs[rows])
+    if isinstance(prepared, torch.Tensor):
+        return prepared[rows]
+    return prepared
+
+
+def _fail(items: list[_Item], error: Exception) -> None:
+    """Fail these images' futures (those a request cancelled stay cancelled)."""
+    for item in items:
+        if item.future.running() or item.future.set_running_or_notify_cancel():
+            item.future.set_exception(error)
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """Run torch with `count` threads in this thread (for this call), then restore the count it had."""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
 
 
 def _explained(captioner: Captioner, batch: list[_Item], results: list[CaptionResult]) -> list:
-    """Per image, the Explanation of its caption if its request asked for one, else None. In the worker,
-    like every model call: explaining switches the decoder to eager attention for a moment."""
+    """Per image, the Explanation of its caption if its request asked for one, else None. In the model
+    thread, like every model call: explaining switches the decoder to eager attention for a moment."""
     wanted = [i for i, item in enumerate(batch) if item.attention]
     explanations: list = [None] * len(batch)
     if wanted:
