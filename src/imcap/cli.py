@@ -539,12 +539,19 @@ def serve(
         int | None, typer.Option("--threads", help="Torch CPU threads (default: all cores).")
     ] = None,
     no_ui: Annotated[bool, typer.Option("--no-ui", help="REST API only, no web page at /.")] = False,
+    rate_limit: Annotated[
+        str | None, _serve_option("--rate-limit", "REST requests per client address, e.g. 5/s; more get 429.")
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option("--cors-origin", help="Let pages from this origin call the API; repeat (default none)."),
+    ] = None,
 ) -> None:
     """Serve a web page at / and a REST API at /v1 (docs at /docs). Set IMCAP_API_KEY to require a key."""
     _quiet_libraries()
     from imcap.modeling import ModelLoadError
     from imcap.serving.server import serve as run_server
-    from imcap.serving.settings import ServeSettings
+    from imcap.serving.settings import ServeSettings, parse_rate
 
     try:
         settings = ServeSettings(
@@ -559,6 +566,8 @@ def serve(
             max_wait_ms=max_wait_ms,
             **({"threads": threads} if threads is not None else {}),
             ui=not no_ui,
+            rate_limit=parse_rate(rate_limit) if rate_limit else None,
+            cors_origins=tuple(cors_origin or ()),
         ).validate()
         run_server(model or [None], settings)
     except ModuleNotFoundError as error:  # fastapi, uvicorn, gradio... come with the serve extra

@@ -19,6 +19,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,6 +31,7 @@ import imcap
 from imcap.captioner import Captioner
 from imcap.explain import ExplainError, Explanation, check_explainable
 from imcap.generation import OptionsError
+from imcap.serving.limits import RateLimit
 from imcap.serving.queue import Batcher, Captioned, QueueFull, ShuttingDown
 from imcap.serving.schemas import CaptionsOut, ErrorOut, ModelsOut, caption_form_schema
 from imcap.serving.settings import API_KEY_VARIABLE, ServeSettings
@@ -39,7 +41,7 @@ from imcap.writers import candidate_dict, tag_dict
 DOCS_STATIC = "/docs-static"
 # at module level: FastAPI resolves a dependency's (string) annotations in this module's globals
 _BEARER = HTTPBearer(auto_error=False, description=f"the server's {API_KEY_VARIABLE}")
-_ERRORS = {status: {"model": ErrorOut} for status in (400, 401, 413, 422, 503)}
+_ERRORS = {status: {"model": ErrorOut} for status in (400, 401, 413, 422, 429, 503)}
 
 
 def create_app(captioners: Mapping[str, Captioner], settings: ServeSettings | None = None) -> FastAPI:
@@ -64,6 +66,15 @@ def create_app(captioners: Mapping[str, Captioner], settings: ServeSettings | No
     )
     app.state.settings, app.state.batcher, app.state.captioners = settings, batcher, dict(captioners)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, prefix="/v1/")
+    if settings.rate_limit is not None:  # added last, so it runs first: a refused request costs nothing
+        app.add_middleware(RateLimit, per_second=settings.rate_limit, prefix="/v1/")
+    if settings.cors_origins:  # without it browsers keep other sites' pages from reading our answers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(QueueFull, _queue_full)
     app.add_exception_handler(ShuttingDown, _shutting_down)
@@ -94,6 +105,10 @@ def _add_routes(
 
     @app.get("/health", tags=["server"])
     async def health() -> dict:
+        """Up or not, for load balancers: no versions, and model ids (a --model path, maybe) only when
+        /v1/models shows them to anyone too, that is without an API key."""
+        if settings.api_key is not None:
+            return {"status": "ok", "queued_images": batcher.pending}
         return {"status": "ok", "models": list(captioners), "queued_images": batcher.pending}
 
     @app.get("/v1/models", tags=["captions"], dependencies=auth, response_model=ModelsOut, responses=_ERRORS)

@@ -38,6 +38,8 @@ class ServeSettings:
     api_key: str | None = field(default_factory=_api_key_from_environment, repr=False)
     ui: bool = True  # the Gradio page at /; the API key guards the REST API only
     examples_dir: Path | None = EXAMPLES_DIR
+    rate_limit: float | None = None  # REST requests per second per client address, 429 beyond; None: any
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser; none by default
 
     @property
     def max_upload_bytes(self) -> int:
@@ -64,8 +66,27 @@ class ServeSettings:
             (self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}"),
             (self.max_beams >= 1, f"max_beams must be >= 1, got {self.max_beams}"),
             (self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+            (
+                self.rate_limit is None or self.rate_limit > 0,
+                f"rate_limit must be > 0 requests per second, got {self.rate_limit}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         return self
+
+
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0}
+
+
+def parse_rate(text: str) -> float:
+    """'5/s' (or '300/min', or a bare '5') as requests per second; ValueError (one line) otherwise."""
+    count, _, unit = text.strip().partition("/")
+    try:
+        rate = float(count) / _RATE_UNITS[unit.strip() or "s"]
+    except (ValueError, KeyError):
+        raise ValueError(f"--rate-limit must look like 5/s or 300/min, got {text!r}") from None
+    if not rate > 0 or rate == float("inf"):
+        raise ValueError(f"--rate-limit must be more than 0 per second, got {text!r}")
+    return rate
