@@ -92,7 +92,7 @@ def _run(loader, units, sink, options, workers, batch_size, framing, progress, o
     gathered: dict[int, dict[int, tuple]] = defaultdict(dict)  # unit -> index -> (key, result)
     seen: dict[int, int] = defaultdict(int)  # unit -> rows back (captioned or failed)
     try:
-        for batch in dataset.iter_batches(batch_format="numpy") if pending else ():
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy") if pending else ():
             for unit, index, total, key, where, error, result in zip(
                 batch["unit"],
                 batch["index"],
@@ -104,6 +104,8 @@ def _run(loader, units, sink, options, workers, batch_size, framing, progress, o
                 strict=True,
             ):
                 unit, index = int(unit), int(index)
+                if not summary.first_result_seconds:
+                    summary.first_result_seconds = time.monotonic() - started
                 if error:
                     failure = ImageLoadError(where, error)
                     summary.failed.append(failure)

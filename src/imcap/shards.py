@@ -28,6 +28,7 @@ from imcap.sources import Item, Unit, read_unit
 class UnitSummary(BatchSummary):
     skipped_units: int = 0  # finished by an earlier run
     startup_seconds: float = 0.0  # Ray: starting (or joining) the cluster, before any image
+    first_result_seconds: float = 0.0  # Ray: from the start to the first image back (actors loading)
 
     def line(self) -> str:
         rate = (
