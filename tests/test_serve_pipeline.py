@@ -58,7 +58,7 @@ def test_encoder_in_workers_decoder_in_the_model_thread_same_captions(captioner)
     pictures = [decode_image(png(seed)) for seed in range(6)]
     expected = [captioner(picture, OPTIONS)[0].caption for picture in pictures]
     recorder = Recorder(captioner, "pixel_values", "encode", "caption_encoded")
-    batcher = Batcher({"seeing": captioner}, max_batch=4, threads=2)
+    batcher = Batcher({"seeing": captioner}, max_batch=4, max_wait_ms=1000, threads=2)
     try:
         futures = batcher.submit("seeing", pictures[:3], OPTIONS) + batcher.submit(
             "seeing", pictures[3:], OPTIONS

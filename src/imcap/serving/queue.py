@@ -5,9 +5,9 @@ oldest waiting image, with up to `max_batch - 1` others of the same (model, opti
 `max_wait_ms` for company. For a Captioner, worker threads (one torch thread each) then preprocess the
 batch and, for greedy and beam search (`Captioner.uses_engine`), run the encoder, while one model thread
 decodes the batch before it: the pipeline of `imcap.batch.caption_batches`, with batches formed across
-requests. The feeder reads ahead at most `_READ_AHEAD` batches, and forms a batch short of `max_batch`
-only when the model thread has nothing else ready, so that under load batches fill up while one is
-decoded. Other callables (stand-ins in tests) are called whole in the model thread, one batch at a time.
+requests. The feeder reads ahead at most `_READ_AHEAD` full batches, and forms a batch short of
+`max_batch` only when the model thread is idle, so that under load batches fill up while one is decoded.
+Other callables (stand-ins in tests) are called whole in the model thread, one batch at a time.
 
 One model thread and a fixed pool, so the process holds one instance of each model and torch's threads
 stay bounded. The queue is bounded in images: past `queue_size` images waiting for the model (formed
@@ -175,25 +175,22 @@ class Batcher:
         """(the next batch, None) if it is time to form it, else (None, seconds to wait or None: until
         woken). Called holding the condition.
 
-        A full batch is formed as long as fewer than _READ_AHEAD wait for the model thread; one short of
-        max_batch only when the model thread would otherwise have nothing to do next, and once the
-        oldest image has waited max_wait for company. For a plain callable (no pipeline) only when the
-        model thread is idle: one batch at a time.
+        A full batch is formed as long as fewer than _READ_AHEAD wait for the model thread, so it is
+        encoded while the batch before it is decoded; one short of max_batch only when the model thread
+        is idle with nothing ready, once the oldest image has waited max_wait for company. Under load
+        batches so stay full (a short one formed while the decoder is busy would cost it more per image,
+        as measured with 16 HTTP clients), and at worst the pipeline runs one batch at a time, as a plain
+        callable (a stand-in in tests) always does.
         """
         if not self._pending:
             return None, None
         key = self._pending[0].key
-        if isinstance(self.captioners[key[0]], Captioner):
-            if len(self._ready) >= _READ_AHEAD:
-                return None, None
-            idle = not self._ready
-        elif self._ready or self._busy:
+        pipelined = isinstance(self.captioners[key[0]], Captioner)
+        if len(self._ready) >= (_READ_AHEAD if pipelined else 1):
             return None, None
-        else:
-            idle = True
-        if self._count(key) >= self.max_batch:
+        if self._count(key) >= self.max_batch and (pipelined or not self._busy):
             return self._take(key), None
-        if not idle:
+        if self._ready or self._busy:
             return None, None
         left = self._pending[0].submitted + self.max_wait_s - time.monotonic()
         return (self._take(key), None) if left <= 0 else (None, left)
