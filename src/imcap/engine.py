@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig
 from transformers.generation import (
     LogitsProcessorList,
@@ -488,11 +488,20 @@ def _fast_encoder(encoder: nn.Module) -> nn.Module:
         return encoder
     fast = copy.deepcopy(encoder)
     cnn = fast.cnn
-    cnn._conv_stem, cnn._bn0 = fuse_conv_bn_eval(cnn._conv_stem, cnn._bn0), nn.Identity()
-    cnn._conv_head, cnn._bn1 = fuse_conv_bn_eval(cnn._conv_head, cnn._bn1), nn.Identity()
+    cnn._conv_stem, cnn._bn0 = _fold(cnn._conv_stem, cnn._bn0), nn.Identity()
+    cnn._conv_head, cnn._bn1 = _fold(cnn._conv_head, cnn._bn1), nn.Identity()
     for block in cnn._blocks:
         pairs = [("_expand_conv", "_bn0")] if hasattr(block, "_expand_conv") else []
         for conv, norm in [*pairs, ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]:
-            setattr(block, conv, fuse_conv_bn_eval(getattr(block, conv), getattr(block, norm)))
+            setattr(block, conv, _fold(getattr(block, conv), getattr(block, norm)))
             setattr(block, norm, nn.Identity())
     return fast.to(memory_format=torch.channels_last)
+
+
+def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
+    """`conv` (already a copy) with `norm` folded into its weights: what fuse_conv_bn_eval computes, without
+    its second deep copy of every convolution (half the folding time, paid by every `imcap caption`)."""
+    conv.weight, conv.bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+    )
+    return conv
