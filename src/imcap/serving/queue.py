@@ -114,7 +114,8 @@ class Batcher:
     @property
     def pending(self) -> int:
         """Images waiting for a model call (those in the running one are not counted)."""
-        return len(self._pending) + sum(len(batch.items) for batch in self._ready)
+        with self._condition:  # a reentrant lock: submit holds it already
+            return len(self._pending) + sum(len(batch.items) for batch in self._ready)
 
     def submit(
         self, model: str, images: Sequence[Image.Image], options: CaptionOptions, attention: bool = False
