@@ -113,6 +113,12 @@ def test_table_readers_paths_and_bytes(tmp_path):
     assert [u.name for u in units] == ["t-00000", "t-00001", "t-00002"]
     items = [i for u in units for i in read_unit(u)]
     assert [i.key for i in items] == [f"b{n}" for n in range(5)] and [i.data for i in items] == blobs
+    # row groups of 2 under chunks of 3: each chunk reads only its own groups, across their boundaries
+    grouped = pa.table({"key": [f"b{n}" for n in range(5)], "img": blobs, "other": list(range(5))})
+    pq.write_table(grouped, tmp_path / "g.parquet", row_group_size=2)
+    units = find_units([tmp_path / "g.parquet"], image_column="img", chunk_rows=3)
+    assert [[i.key for i in read_unit(u)] for u in units] == [["b0", "b1", "b2"], ["b3", "b4"]]
+    assert [i.data for u in units for i in read_unit(u)] == blobs
 
     with pytest.raises(SourceError, match="has no column 'picture'"):
         find_units([tmp_path / "t.parquet"], image_column="picture")

@@ -198,16 +198,38 @@ def _read_table(unit: Unit) -> Iterator[Item]:
     path = Path(unit.file(unit.path))
     column = unit.image_column
     if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path).slice(unit.start, unit.stop - unit.start)
-        names = table.column_names
-        wanted = [column, *([KEY_COLUMN] if KEY_COLUMN in names and column != KEY_COLUMN else [])]
-        rows = table.select(wanted).to_pylist()
+        rows = _parquet_rows(path, column, unit.start, unit.stop)
     else:
         rows = _text_rows(path)[unit.start : unit.stop]
     for number, row in enumerate(rows, unit.start):
         yield _table_item(path, row, column, number)
+
+
+def _parquet_rows(path: Path, column: str, start: int, stop: int) -> list[dict]:
+    """Rows start..stop of a Parquet file, only the image and key columns, read from the row groups that
+    hold them and streamed in record batches: a chunk costs its own rows, not the whole table's."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as file:
+        names = file.schema_arrow.names
+        wanted = [column, *([KEY_COLUMN] if KEY_COLUMN in names and column != KEY_COLUMN else [])]
+        groups, offset, first = [], 0, None
+        for group in range(file.num_row_groups):
+            size = file.metadata.row_group(group).num_rows
+            if offset < stop and offset + size > start:
+                groups.append(group)
+                first = offset if first is None else first
+            offset += size
+        rows: list[dict] = []
+        position = first or 0
+        for batch in file.iter_batches(batch_size=1024, row_groups=groups, columns=wanted):
+            begin, end = max(start - position, 0), min(stop - position, batch.num_rows)
+            if begin < end:
+                rows += batch.slice(begin, end - begin).to_pylist()
+            position += batch.num_rows
+            if position >= stop:
+                break
+        return rows
 
 
 def _table_item(table: Path, row: dict, column: str, number: int) -> Item:
