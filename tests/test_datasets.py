@@ -128,6 +128,20 @@ def test_table_readers_paths_and_bytes(tmp_path):
         find_units([tmp_path / "t.csv"])
 
 
+def test_folders_among_dataset_inputs_follow_recursive(tmp_path):
+    rng = np.random.default_rng(3)
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    (tmp_path / "photos" / "top.jpg").write_bytes(jpeg(rng))
+    (tmp_path / "photos" / "sub" / "deep.jpg").write_bytes(jpeg(rng))
+
+    def names(recursive: bool) -> list[str]:
+        units = find_units([tmp_path / "photos"], recursive=recursive)
+        return sorted(Path(i.key).name for u in units for i in read_unit(u))
+
+    assert names(recursive=False) == ["top.jpg"]
+    assert names(recursive=True) == ["deep.jpg", "top.jpg"]
+
+
 def test_parquet_output_resumes_by_shard_and_matches_files(tmp_path, seeing_model_dir):
     shards = make_shards(tmp_path / "in")
     out = tmp_path / "out.parquet"

@@ -37,6 +37,7 @@ class DatasetRun:
     style: str = "sentence"
     tags: int = 0
     overwrite: bool = False
+    recursive: bool = False  # folders among the inputs: their sub-folders too
 
 
 def run_dataset(
@@ -59,7 +60,7 @@ def run_dataset(
         _check(run)
         check_dataset_output(run.output, sidecar)
         run.options.validate()
-        units = find_units(run.paths, run.image_column)
+        units = find_units(run.paths, run.image_column, recursive=run.recursive)
         if not units:
             raise FileNotFoundError("no images found")
         sink, captioner = _open(run, units)

@@ -70,10 +70,14 @@ def is_dataset_input(item: str | Path) -> bool:
 
 
 def find_units(
-    items: Sequence[str | Path], image_column: str | None = None, chunk_rows: int = CHUNK_ROWS
+    items: Sequence[str | Path],
+    image_column: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    recursive: bool = False,
 ) -> list[Unit]:
     """The units of these inputs: a unit per tar shard, a unit per `chunk_rows` rows of each table, and
-    the plain image files (files, folders, globs; see imcap.batch.find_images) in chunks of `chunk_rows`.
+    the plain image files (files, folders, globs; see imcap.batch.find_images, sub-folders too when
+    `recursive`) in chunks of `chunk_rows`.
 
     Raises SourceError when a table lacks `image_column` (or it is not given) and when two inputs would
     name the same output file, FileNotFoundError for missing inputs.
@@ -93,7 +97,7 @@ def find_units(
         else:
             plain.append(item)
     if plain:
-        files = [str(path) for path in find_images(plain)]
+        files = [str(path) for path in find_images(plain, recursive)]
         for number, start in enumerate(range(0, len(files), chunk_rows)):
             chunk = tuple(files[start : start + chunk_rows])
             name = f"files-{number:05d}"

@@ -179,7 +179,7 @@ def caption(
             paths, output, model, options, engine=engine_name, address=address, workers=workers,
             image_column=image_column, batch_size=batch_size, max_pixels=max_pixels or None,
             engine_options=engine, use_engine=use_engine, prefix=prefix, suffix=suffix,
-            style=caption_style, tags=tags, overwrite=overwrite,
+            style=caption_style, tags=tags, overwrite=overwrite, recursive=recursive,
         )  # fmt: skip
         _finish(run_dataset(run, sidecar_extension, _print_image_error, sys.stderr.isatty()), allow_failures)
         return
