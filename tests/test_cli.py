@@ -112,7 +112,9 @@ def test_help_shows_flags_as_flags_and_version_prints():
     for args in (["--help"], ["caption", "--help"], ["eval", "--help"]):
         result = CliRunner().invoke(app, args, terminal_width=120)
         assert result.exit_code == 0 and "<bool>" not in result.stdout
-    assert "--recursive" in CliRunner().invoke(app, ["caption", "--help"]).stdout
+    caption_help = CliRunner().invoke(app, ["caption", "--help"], terminal_width=200).stdout
+    assert "--recursive" in caption_help
+    assert "'imcap[ray]'" in caption_help  # square brackets survive rich's markup
     version = CliRunner().invoke(app, ["--version"])
     assert version.exit_code == 0 and version.stdout.strip() == f"imcap {imcap.__version__}"
 

@@ -126,7 +126,7 @@ def caption(
     plain_generate: PlainOption = False,
     engine_name: Annotated[
         str,
-        _scale("--engine", "local: this process; ray: a Ray Data actor pool (pip install 'imcap[ray]')."),
+        _scale("--engine", "local: this process; ray: a Ray Data actor pool (pip install 'imcap\\[ray]')."),
     ] = "local",
     address: Annotated[
         str | None, _scale("--address", "Ray cluster to join: auto, ray://HOST:10001 (default: a local one).")
