@@ -107,27 +107,34 @@ def caption_files(
     """
     report = on_failure or _print_failure
     pending = [image for image in images if not writer.is_done(image)]
-    summary, started = BatchSummary(skipped=len(images) - len(pending)), time.monotonic()
-    with tqdm(
-        total=len(pending), unit="img", desc="captioning", disable=not progress, file=sys.stderr
-    ) as bar:
-        try:
-            for batch in caption_batches(captioner, pending, options, batch_size):
-                for error in batch.failed:
-                    summary.failed.append(error)
-                    report(error)
-                results = [_framed(result, prefix, suffix, style) for result in batch.results]
-                if results:
-                    rows = [(str(path), result) for path, result in zip(batch.paths, results, strict=True)]
-                    writer.write(rows)
-                summary.captioned += len(results)
-                bar.update(len(batch.paths) + len(batch.failed))
-        except KeyboardInterrupt:
-            # writes are whole batches (see imcap.writers), so a rerun resumes after the last one
-            summary.seconds = time.monotonic() - started
-            raise BatchInterrupted(summary) from None
-    summary.seconds = time.monotonic() - started
+    summary = BatchSummary(skipped=len(images) - len(pending))
+    bar = tqdm(total=len(pending), unit="img", desc="captioning", disable=not progress, file=sys.stderr)
+    # writes are whole batches (see imcap.writers), so after Ctrl-C a rerun resumes after the last one
+    with bar, clocked(summary):
+        for batch in caption_batches(captioner, pending, options, batch_size):
+            for error in batch.failed:
+                summary.failed.append(error)
+                report(error)
+            results = [framed(result, prefix, suffix, style) for result in batch.results]
+            if results:
+                rows = [(str(path), result) for path, result in zip(batch.paths, results, strict=True)]
+                writer.write(rows)
+            summary.captioned += len(results)
+            bar.update(len(batch.paths) + len(batch.failed))
     return summary
+
+
+@contextmanager
+def clocked(summary: BatchSummary, started: float | None = None) -> Iterator[None]:
+    """Time the block (from `started`, else from now) into `summary.seconds`; Ctrl-C inside it becomes
+    BatchInterrupted(summary), so the caller can say how far the run got."""
+    started = time.monotonic() if started is None else started
+    try:
+        yield
+    except KeyboardInterrupt:
+        summary.seconds = time.monotonic() - started
+        raise BatchInterrupted(summary) from None
+    summary.seconds = time.monotonic() - started
 
 
 @dataclass
@@ -219,7 +226,8 @@ def _decode_each(
     return decoded, failed
 
 
-def _framed(result: CaptionResult, prefix: str, suffix: str, style: str = "sentence") -> CaptionResult:
+def framed(result: CaptionResult, prefix: str, suffix: str, style: str = "sentence") -> CaptionResult:
+    """The result with every candidate in `style`, between `prefix` and `suffix`."""
     if not (prefix or suffix) and style == "sentence":
         return result
     candidates = [replace(c, text=f"{prefix}{styled(c.text, style)}{suffix}") for c in result.candidates]

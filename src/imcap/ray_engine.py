@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from imcap.batch import BatchInterrupted, _framed
+from imcap.batch import clocked, framed
 from imcap.datasets_out import UnitSink
 from imcap.generation import CaptionOptions
 from imcap.images import ImageLoadError
@@ -91,7 +91,7 @@ def _run(loader, units, sink, options, workers, batch_size, framing, progress, o
     bar = tqdm(unit="img", desc="captioning", disable=not progress, file=sys.stderr)
     gathered: dict[int, dict[int, tuple]] = defaultdict(dict)  # unit -> index -> (key, result)
     seen: dict[int, int] = defaultdict(int)  # unit -> rows back (captioned or failed)
-    try:
+    with bar, clocked(summary, started):
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy") if pending else ():
             for unit, index, total, key, where, error, result in zip(
                 batch["unit"],
@@ -111,7 +111,7 @@ def _run(loader, units, sink, options, workers, batch_size, framing, progress, o
                     summary.failed.append(failure)
                     report(failure)
                 else:
-                    gathered[unit][index] = (str(key), _framed(pickle.loads(result), *framing))
+                    gathered[unit][index] = (str(key), framed(pickle.loads(result), *framing))
                 seen[unit] += 1
                 if seen[unit] == total:
                     found = gathered.pop(unit, {})
@@ -123,12 +123,6 @@ def _run(loader, units, sink, options, workers, batch_size, framing, progress, o
         for number, unit in enumerate(pending):  # units with nothing left to caption: an empty part
             if number not in seen:
                 sink.write_unit(unit, [])
-    except KeyboardInterrupt:
-        summary.seconds = time.monotonic() - started
-        raise BatchInterrupted(summary) from None
-    finally:
-        bar.close()
-    summary.seconds = time.monotonic() - started
     return summary
 
 

@@ -8,7 +8,6 @@ every finished unit and every key already written. `imcap.ray_engine` does the s
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -16,7 +15,7 @@ from functools import partial
 from PIL import Image
 from tqdm import tqdm
 
-from imcap.batch import BatchInterrupted, BatchSummary, _framed, caption_batches
+from imcap.batch import BatchSummary, caption_batches, clocked, framed
 from imcap.captioner import Captioner
 from imcap.datasets_out import UnitSink
 from imcap.generation import CaptionOptions
@@ -68,9 +67,9 @@ def caption_units(
     """
     report = on_failure or (lambda error: tqdm.write(f"error: {error}", file=sys.stderr))
     pending = sink.pending(units)
-    summary, started = UnitSummary(skipped_units=len(units) - len(pending)), time.monotonic()
+    summary = UnitSummary(skipped_units=len(units) - len(pending))
     bar = tqdm(unit="img", desc="captioning", disable=not progress, file=sys.stderr)
-    try:
+    with bar, clocked(summary):
         for unit in pending:
             items = list(read_unit(unit, sink.done_keys))
             rows = []
@@ -80,14 +79,8 @@ def caption_units(
                     summary.failed.append(error)
                     report(error)
                 for item, result in zip(batch.paths, batch.results, strict=True):
-                    rows.append((item.key, _framed(result, prefix, suffix, style)))
+                    rows.append((item.key, framed(result, prefix, suffix, style)))
                 bar.update(len(batch.paths) + len(batch.failed))
             sink.write_unit(unit, rows)
             summary.captioned += len(rows)
-    except KeyboardInterrupt:
-        summary.seconds = time.monotonic() - started
-        raise BatchInterrupted(summary) from None
-    finally:
-        bar.close()
-    summary.seconds = time.monotonic() - started
     return summary

@@ -10,13 +10,24 @@ import typer
 
 from imcap.cli.common import (
     DEFAULT_OPTIONS,
+    DecodingBeamsOption,
     Int8Option,
+    LengthPenaltyOption,
+    MaxLengthOption,
+    MinLengthOption,
     ModelOption,
     NoGuideOption,
+    NoRepeatNgramOption,
     OnnxOption,
     PlainOption,
     PromptOption,
+    RepetitionPenaltyOption,
+    SampleOption,
+    SeedOption,
+    TemperatureOption,
     ThreadsOption,
+    TopKOption,
+    TopPOption,
     as_flags,
     command,
     decoding_option,
@@ -25,7 +36,7 @@ from imcap.cli.common import (
     quiet_libraries,
     speed_settings,
 )
-from imcap.generation import DEFAULT_BEAMS, CaptionOptions
+from imcap.generation import CaptionOptions
 from imcap.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 from imcap.results import MAX_TAGS
 from imcap.writers import CAPTION_STYLES, DEFAULT_SIDECAR, OutputError, check_outputs, get_writer
@@ -77,38 +88,16 @@ def caption(
     overwrite: Annotated[
         bool, output_option("--overwrite", help="Caption all again, replacing earlier results.")
     ] = False,
-    beams: Annotated[
-        int | None,
-        decoding_option(
-            "--beams",
-            f"Beam width, 1 = greedy (default {DEFAULT_BEAMS}; with --sample 1: plain sampling).",
-        ),
-    ] = None,
-    max_length: Annotated[
-        int, decoding_option("--max-length", "Maximum new tokens per caption.")
-    ] = DEFAULT_OPTIONS.max_new_tokens,
-    min_length: Annotated[
-        int, decoding_option("--min-length", "Minimum new tokens per caption.")
-    ] = DEFAULT_OPTIONS.min_new_tokens,
-    length_penalty: Annotated[
-        float, decoding_option("--length-penalty", "Beam search: > 1 favours longer captions.")
-    ] = DEFAULT_OPTIONS.length_penalty,
-    sample: Annotated[bool, decoding_option("--sample", "Sample captions instead of searching.")] = False,
-    temperature: Annotated[
-        float, decoding_option("--temperature", "Sampling temperature.")
-    ] = DEFAULT_OPTIONS.temperature,
-    top_k: Annotated[
-        int, decoding_option("--top-k", "Sample from the k likeliest tokens (0: all).")
-    ] = DEFAULT_OPTIONS.top_k,
-    top_p: Annotated[
-        float, decoding_option("--top-p", "Sample from the likeliest tokens holding this mass.")
-    ] = DEFAULT_OPTIONS.top_p,
-    repetition_penalty: Annotated[
-        float, decoding_option("--repetition-penalty", "> 1 discourages repeated tokens.")
-    ] = DEFAULT_OPTIONS.repetition_penalty,
-    no_repeat_ngram_size: Annotated[
-        int, decoding_option("--no-repeat-ngram-size", "Never repeat an n-gram of this size (0: off).")
-    ] = DEFAULT_OPTIONS.no_repeat_ngram_size,
+    beams: DecodingBeamsOption = None,
+    max_length: MaxLengthOption = DEFAULT_OPTIONS.max_new_tokens,
+    min_length: MinLengthOption = DEFAULT_OPTIONS.min_new_tokens,
+    length_penalty: LengthPenaltyOption = DEFAULT_OPTIONS.length_penalty,
+    sample: SampleOption = False,
+    temperature: TemperatureOption = DEFAULT_OPTIONS.temperature,
+    top_k: TopKOption = DEFAULT_OPTIONS.top_k,
+    top_p: TopPOption = DEFAULT_OPTIONS.top_p,
+    repetition_penalty: RepetitionPenaltyOption = DEFAULT_OPTIONS.repetition_penalty,
+    no_repeat_ngram_size: NoRepeatNgramOption = DEFAULT_OPTIONS.no_repeat_ngram_size,
     num_captions: Annotated[
         int,
         decoding_option(
@@ -117,7 +106,7 @@ def caption(
             "(log-prob / tokens ^ length-penalty), each also with its log-prob.",
         ),
     ] = DEFAULT_OPTIONS.num_return_sequences,
-    seed: Annotated[int | None, decoding_option("--seed", "Makes sampling reproducible.")] = None,
+    seed: SeedOption = None,
     no_guide: NoGuideOption = False,
     prompt: PromptOption = None,
     threads: ThreadsOption = None,

@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 import imcap
-from imcap.generation import CaptionOptions
+from imcap.generation import DEFAULT_BEAMS, CaptionOptions
 
 # Only light modules above: torch and transformers are imported inside the commands that use them, so
 # that `imcap --help` answers at once and `imcap caption` pays for them once.
@@ -165,3 +165,30 @@ def as_flags(message: str) -> str:
         return _FLAGS.get(match[0], "--" + match[0].replace("_", "-"))
 
     return re.sub(rf"\b({names})\b", flag, message)
+
+
+# The decoding flags `imcap caption` and `imcap explain` share: one definition, so the two stay alike.
+DecodingBeamsOption = Annotated[
+    int | None,
+    decoding_option(
+        "--beams", f"Beam width, 1 = greedy (default {DEFAULT_BEAMS}; with --sample 1: plain sampling)."
+    ),
+]
+MaxLengthOption = Annotated[int, decoding_option("--max-length", "Maximum new tokens per caption.")]
+MinLengthOption = Annotated[int, decoding_option("--min-length", "Minimum new tokens per caption.")]
+LengthPenaltyOption = Annotated[
+    float, decoding_option("--length-penalty", "Beam search: > 1 favours longer captions.")
+]
+SampleOption = Annotated[bool, decoding_option("--sample", "Sample instead of searching.")]
+TemperatureOption = Annotated[float, decoding_option("--temperature", "Sampling temperature.")]
+TopKOption = Annotated[int, decoding_option("--top-k", "Sample from the k likeliest tokens (0: all).")]
+TopPOption = Annotated[
+    float, decoding_option("--top-p", "Sample from the likeliest tokens holding this mass.")
+]
+RepetitionPenaltyOption = Annotated[
+    float, decoding_option("--repetition-penalty", "> 1 discourages repeated tokens.")
+]
+NoRepeatNgramOption = Annotated[
+    int, decoding_option("--no-repeat-ngram-size", "Never repeat an n-gram of this size (0: off).")
+]
+SeedOption = Annotated[int | None, decoding_option("--seed", "Makes sampling reproducible.")]

@@ -10,18 +10,28 @@ import typer
 
 from imcap.cli.common import (
     DEFAULT_OPTIONS,
+    DecodingBeamsOption,
+    LengthPenaltyOption,
+    MaxLengthOption,
+    MinLengthOption,
     ModelOption,
     NoGuideOption,
+    NoRepeatNgramOption,
+    RepetitionPenaltyOption,
+    SampleOption,
+    SeedOption,
+    TemperatureOption,
     ThreadsOption,
+    TopKOption,
+    TopPOption,
     as_flags,
     command,
-    decoding_option,
     fail,
     output_option,
     quiet_libraries,
     speed_settings,
 )
-from imcap.generation import DEFAULT_BEAMS, CaptionOptions
+from imcap.generation import CaptionOptions
 
 
 @command()
@@ -43,39 +53,17 @@ def explain(
     head: Annotated[
         int | None, typer.Option("--head", help="One attention head, 0 first (default: the mean of all).")
     ] = None,
-    beams: Annotated[
-        int | None,
-        decoding_option(
-            "--beams",
-            f"Beam width, 1 = greedy (default: {DEFAULT_BEAMS}; with --sample: 1, plain sampling).",
-        ),
-    ] = None,
-    max_length: Annotated[
-        int, decoding_option("--max-length", "Maximum new tokens per caption.")
-    ] = DEFAULT_OPTIONS.max_new_tokens,
-    min_length: Annotated[
-        int, decoding_option("--min-length", "Minimum new tokens per caption.")
-    ] = DEFAULT_OPTIONS.min_new_tokens,
-    length_penalty: Annotated[
-        float, decoding_option("--length-penalty", "Beam search: > 1 favours longer captions.")
-    ] = DEFAULT_OPTIONS.length_penalty,
-    sample: Annotated[bool, decoding_option("--sample", "Sample the caption instead of searching.")] = False,
-    temperature: Annotated[
-        float, decoding_option("--temperature", "Sampling temperature.")
-    ] = DEFAULT_OPTIONS.temperature,
-    top_k: Annotated[
-        int, decoding_option("--top-k", "Sample from the k likeliest tokens (0: all).")
-    ] = DEFAULT_OPTIONS.top_k,
-    top_p: Annotated[
-        float, decoding_option("--top-p", "Sample from the likeliest tokens holding this mass.")
-    ] = DEFAULT_OPTIONS.top_p,
-    repetition_penalty: Annotated[
-        float, decoding_option("--repetition-penalty", "> 1 discourages repeated tokens.")
-    ] = DEFAULT_OPTIONS.repetition_penalty,
-    no_repeat_ngram_size: Annotated[
-        int, decoding_option("--no-repeat-ngram-size", "Never repeat an n-gram of this size (0: off).")
-    ] = DEFAULT_OPTIONS.no_repeat_ngram_size,
-    seed: Annotated[int | None, decoding_option("--seed", "Makes sampling reproducible.")] = None,
+    beams: DecodingBeamsOption = None,
+    max_length: MaxLengthOption = DEFAULT_OPTIONS.max_new_tokens,
+    min_length: MinLengthOption = DEFAULT_OPTIONS.min_new_tokens,
+    length_penalty: LengthPenaltyOption = DEFAULT_OPTIONS.length_penalty,
+    sample: SampleOption = False,
+    temperature: TemperatureOption = DEFAULT_OPTIONS.temperature,
+    top_k: TopKOption = DEFAULT_OPTIONS.top_k,
+    top_p: TopPOption = DEFAULT_OPTIONS.top_p,
+    repetition_penalty: RepetitionPenaltyOption = DEFAULT_OPTIONS.repetition_penalty,
+    no_repeat_ngram_size: NoRepeatNgramOption = DEFAULT_OPTIONS.no_repeat_ngram_size,
+    seed: SeedOption = None,
     no_guide: NoGuideOption = False,
     threads: ThreadsOption = None,
 ) -> None:
@@ -96,7 +84,7 @@ def explain(
     engine, _ = speed_settings(threads, False, False, False)
     try:  # settings, the photo and the outputs first, then the model
         options = CaptionOptions(
-            **({"num_beams": beams} if beams is not None else {}),  # the default is caption's
+            num_beams=beams,
             max_new_tokens=max_length,
             min_new_tokens=min_length,
             length_penalty=length_penalty,
