@@ -105,7 +105,7 @@ def caption_files(
     are written at once. Captions are written in `style` (imcap.writers.CAPTION_STYLES), between `prefix`
     and `suffix`. Ctrl-C raises BatchInterrupted once the batch being written (if any) is complete.
     """
-    report = on_failure or _print_failure
+    report = on_failure or print_failure
     pending = [image for image in images if not writer.is_done(image)]
     summary = BatchSummary(skipped=len(images) - len(pending))
     bar = tqdm(total=len(pending), unit="img", desc="captioning", disable=not progress, file=sys.stderr)
@@ -234,5 +234,5 @@ def framed(result: CaptionResult, prefix: str, suffix: str, style: str = "senten
     return replace(result, caption=candidates[0].text, candidates=candidates)
 
 
-def _print_failure(error: ImageLoadError) -> None:
+def print_failure(error: ImageLoadError) -> None:
     tqdm.write(f"error: {error}", file=sys.stderr)

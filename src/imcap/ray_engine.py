@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from imcap.batch import clocked, framed
+from imcap.batch import clocked, framed, print_failure
 from imcap.datasets_out import UnitSink
 from imcap.generation import CaptionOptions
 from imcap.images import ImageLoadError
@@ -82,7 +82,7 @@ def caption_units_ray(
 def _run(loader, units, sink, options, workers, batch_size, framing, progress, on_failure) -> UnitSummary:
     import ray
 
-    report = on_failure or (lambda error: tqdm.write(f"error: {error}", file=sys.stderr))
+    report = on_failure or print_failure
     pending = sink.pending(units)
     summary, started = UnitSummary(skipped_units=len(units) - len(pending)), time.monotonic()
     done = sink.done_keys if isinstance(sink.done_keys, frozenset) else frozenset()

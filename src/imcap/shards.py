@@ -15,7 +15,7 @@ from functools import partial
 from PIL import Image
 from tqdm import tqdm
 
-from imcap.batch import BatchSummary, caption_batches, clocked, framed
+from imcap.batch import BatchSummary, caption_batches, clocked, framed, print_failure
 from imcap.captioner import Captioner
 from imcap.datasets_out import UnitSink
 from imcap.generation import CaptionOptions
@@ -65,7 +65,7 @@ def caption_units(
     their own count). A bad image is reported to `on_failure` and costs only itself. Ctrl-C raises
     BatchInterrupted; the unit being captioned is redone by the next run.
     """
-    report = on_failure or (lambda error: tqdm.write(f"error: {error}", file=sys.stderr))
+    report = on_failure or print_failure
     pending = sink.pending(units)
     summary = UnitSummary(skipped_units=len(units) - len(pending))
     bar = tqdm(unit="img", desc="captioning", disable=not progress, file=sys.stderr)
