@@ -78,3 +78,53 @@ def test_shipped_model_tags_are_the_imagenet_classifier():
     # fp16 weights and folded BatchNorm move probabilities a little, never the ranking of the top ones
     torch.testing.assert_close(encoded.concept_probs, expected, atol=2e-3, rtol=0.05)
     assert torch.equal(encoded.concept_probs.argmax(-1), expected.argmax(-1))
+
+
+def _trained_tail_encoder() -> tuple[EfficientNetLiteEncoder, EfficientNetLiteEncoderConfig]:
+    """A concept_tail encoder with ImageNet weights whose token tail then moved (as fine-tuning moves it)."""
+    config = EfficientNetLiteEncoderConfig(
+        variant="efficientnet-lite0", concept_head=True, concept_tokens=3, concept_tail=True
+    )
+    encoder = EfficientNetLiteEncoder(config)
+    encoder.load_imagenet_weights()
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        for p in encoder._blocks_split()[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return encoder.eval(), config
+
+
+@torch.no_grad()
+def test_concept_tail_keeps_imagenet_probabilities_while_the_tail_fine_tunes():
+    encoder, config = _trained_tail_encoder()
+    assert not any(p.requires_grad for p in encoder.concept_tail.parameters())
+    pixels = _pixels(config, ["chelsea.jpg", "coffee.jpg"])
+    out = encoder(pixel_values=pixels)
+    expected = _imagenet_classifier("efficientnet-lite0", config.image_size)(pixels)
+    torch.testing.assert_close(out.concept_logits, expected, rtol=1e-4, atol=1e-4)
+    # the patch tokens come from the moved tail: reading it would not give ImageNet's logits
+    trunk = encoder.trunk(pixels)
+    moved = encoder.concept_logits(encoder.tail(trunk))
+    assert not torch.allclose(moved, expected, atol=1e-2)
+
+
+def test_concept_tail_stays_in_eval_mode_and_needs_the_head():
+    encoder, _ = _trained_tail_encoder()
+    encoder.train()
+    assert encoder.training and not encoder.concept_tail.training
+    assert not any(m.training for m in encoder.concept_tail.modules())
+    with pytest.raises(ValueError, match="concept_tail needs concept_head"):
+        EfficientNetLiteEncoderConfig(concept_tail=True)
+
+
+@torch.no_grad()
+def test_engine_folds_the_concept_tail_too():
+    from imcap.engine import _fast_encoder
+
+    encoder, config = _trained_tail_encoder()
+    pixels = _pixels(config, ["chelsea.jpg"])
+    fast = _fast_encoder(encoder)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.concept_tail.modules())
+    plain, folded = encoder(pixel_values=pixels), fast(pixel_values=pixels)
+    torch.testing.assert_close(folded.concept_logits, plain.concept_logits, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(folded.last_hidden_state, plain.last_hidden_state, rtol=1e-3, atol=1e-3)

@@ -158,3 +158,23 @@ def test_concept_head_refuses_a_trainable_tail(data, tmp_path):
     raw["optim"]["finetune_tail_from_epoch"] = 2
     with pytest.raises(ValueError, match="frozen tail"):
         TrainConfig.from_dict(raw)
+
+
+def test_tail_fine_tunes_beside_the_frozen_concept_tail(data, tmp_path):
+    """With model.concept_tail the CNN tail trains from finetune_tail_from_epoch, while the head's own copy
+    of the tail and the head itself stay exactly as built; the saved model brings the copy back."""
+    config = tiny_config(data, tmp_path / "run", tmp_path / "cache", xe_epochs=2, scst_epochs=1)
+    config.model.concept_head, config.model.concept_tokens, config.model.concept_tail = True, 3, True
+    config.optim.finetune_tail_from_epoch = 2
+    best = train(config.validate())
+    end = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    loop._seed_everything(config.seed)
+    fresh = loop.build(config, TINY_CAPTIONS, None).model.state_dict()
+    frozen = [k for k in fresh if k.startswith(("encoder.concept_tail.", "encoder.classifier."))]
+    tail = [k for k in fresh if k.startswith("encoder.cnn._conv_head.")]
+    assert frozen and tail
+    for key in frozen:
+        torch.testing.assert_close(end[key], fresh[key])
+    assert any(not torch.equal(end[key], fresh[key]) for key in tail)
+    encoder = load_model(best).model.encoder
+    assert encoder.config.concept_tail and hasattr(encoder, "concept_tail")

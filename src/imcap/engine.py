@@ -490,12 +490,21 @@ def _fast_encoder(encoder: nn.Module) -> nn.Module:
     cnn = fast.cnn
     cnn._conv_stem, cnn._bn0 = _fold(cnn._conv_stem, cnn._bn0), nn.Identity()
     cnn._conv_head, cnn._bn1 = _fold(cnn._conv_head, cnn._bn1), nn.Identity()
-    for block in cnn._blocks:
+    _fold_blocks(cnn._blocks)
+    concept_tail = getattr(fast, "concept_tail", None)  # the concept head's own frozen tail
+    if concept_tail is not None:
+        concept_tail.conv_head = _fold(concept_tail.conv_head, concept_tail.norm)
+        concept_tail.norm = nn.Identity()
+        _fold_blocks(concept_tail.blocks)
+    return fast.to(memory_format=torch.channels_last)
+
+
+def _fold_blocks(blocks: nn.ModuleList) -> None:
+    for block in blocks:
         pairs = [("_expand_conv", "_bn0")] if hasattr(block, "_expand_conv") else []
         for conv, norm in [*pairs, ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]:
             setattr(block, conv, _fold(getattr(block, conv), getattr(block, norm)))
             setattr(block, norm, nn.Identity())
-    return fast.to(memory_format=torch.channels_last)
 
 
 def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:

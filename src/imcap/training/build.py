@@ -134,6 +134,7 @@ def _lite_config(m: ModelConfig) -> EfficientNetLiteEncoderConfig:
         concept_tokens=m.concept_tokens,
         concept_dropout=m.concept_dropout,
         concept_table=m.concept_table if m.concept_head or m.concept_tokens else None,
+        concept_tail=m.concept_tail,
     )
 
 

@@ -56,6 +56,8 @@ class ModelConfig:
     concept_tokens: int = 0
     concept_dropout: float = 0.0  # training: share of concept tokens replaced by a "no concept" token
     concept_table: str = "imagenet-1k-wordnet-v1"  # the class -> caption-word table (imcap.concepts)
+    # the head reads its own frozen copy of the CNN tail, so the tail may fine-tune (finetune_tail_from_epoch)
+    concept_tail: bool = False
     # Pretrained parts: hub ids or local folders (a hub id needs network once, then its cache works offline).
     # A pretrained encoder is frozen and its output cached; our EfficientNet-Lite is used when none is named.
     pretrained: str | None = None  # encoder-decoder: a whole VisionEncoderDecoder checkpoint to fine-tune
@@ -129,11 +131,14 @@ class TrainConfig:
         if self.model.frozen_encoder and self.optim.finetune_tail_from_epoch is not None:
             raise ValueError(f"{where}: a pretrained encoder is frozen; unset optim.finetune_tail_from_epoch")
         concepts = self.model.concept_head or self.model.concept_tokens > 0
-        if concepts and self.optim.finetune_tail_from_epoch is not None:
+        if concepts and self.optim.finetune_tail_from_epoch is not None and not self.model.concept_tail:
             # the frozen ImageNet head reads the tail's output: a tail trained here would change its meaning
             raise ValueError(
-                f"{where}: model.concept_head needs a frozen tail; unset finetune_tail_from_epoch"
+                f"{where}: model.concept_head needs a frozen tail; set model.concept_tail (the head gets "
+                "its own copy) or unset finetune_tail_from_epoch"
             )
+        if self.model.concept_tail and not concepts:
+            raise ValueError(f"{where}: model.concept_tail needs model.concept_head")
         if self.model.concept_tokens < 0 or not 0 <= self.model.concept_dropout < 1:
             raise ValueError(f"{where}: model.concept_tokens must be >= 0 and concept_dropout in [0, 1)")
         if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:

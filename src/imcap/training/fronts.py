@@ -2,7 +2,8 @@
 
 LiteFront   our EfficientNet-Lite encoders, in all three architectures: the frozen trunk's output is
             cached; the tail (trainable from `optim.finetune_tail_from_epoch`) and the token layers run in
-            every step. While the tail is frozen its output is computed once per run and kept in memory.
+            every step. While the tail is frozen its output is computed once per run and kept in memory
+            (except for an encoder whose concept head has its own frozen tail: it reads trunk features).
 FrozenFront a pretrained hub encoder (ViT, ...): frozen as a whole, its output is cached and is what the
             decoder reads, unchanged.
 """
@@ -22,6 +23,9 @@ from imcap.features import cached_encoder_outputs, cached_trunk_features
 class LiteFront:
     def __init__(self, encoder: LiteCNN):
         self.encoder = encoder
+        # An encoder whose concept head has its own frozen tail reads trunk features in every epoch: the
+        # head needs them too, and a second precomputed (N, 1280, G, G) map would double the memory.
+        self.trunk_only = getattr(encoder.config, "concept_tail", False)
 
     def cache(self, image_processor, images: Sequence[Path], cache_dir: Path, flip: bool, desc: str):
         """(N, C, G, G) fp16 trunk features."""
@@ -29,7 +33,10 @@ class LiteFront:
 
     @torch.no_grad()
     def precompute(self, cached: torch.Tensor, device: torch.device, batch: int = 256) -> torch.Tensor:
-        """The tail's output (N, 1280, G, G) fp16 on the CPU, for epochs in which the tail is frozen."""
+        """The tail's output (N, 1280, G, G) fp16 on the CPU, for epochs in which the tail is frozen
+        (`trunk_only` encoders: the trunk features as they are)."""
+        if self.trunk_only:
+            return cached
         self.encoder.cnn.eval()
         chunks = [
             self.encoder.tail(cached[i : i + batch].to(device).float()) for i in range(0, len(cached), batch)
@@ -38,6 +45,8 @@ class LiteFront:
 
     def tokens(self, features: torch.Tensor, from_trunk: bool) -> torch.Tensor:
         """Cached features -> the encoder's tokens; `from_trunk`: they are trunk output, run the tail too."""
+        if self.trunk_only:
+            return self.encoder.encode_trunk(features.float())[0]
         feature_map = self.encoder.tail(features.float()) if from_trunk else features
         return self.encoder.tokens(feature_map)
 
