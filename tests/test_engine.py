@@ -282,3 +282,37 @@ def test_engine_bans_words_as_generate_does(seeing):
         expected = [seq[0] for seq in plain_generate(loaded.model, pixels[:6], config)]
     assert got == expected
     assert not {t for tokens in got for t in tokens} & {b[0] for b in config.bad_words_ids}
+
+
+@pytest.mark.parametrize("name", ["greedy", "beam3", "beam2-processors"])
+def test_per_image_bans_equal_decoding_each_image_with_its_bad_words(seeing, name):
+    """Bans: one batched call, each image with its own banned sequences (one-token and longer), gives the
+    tokens of decoding each image alone with those sequences as bad_words_ids; with prefixes too."""
+    loaded, pixels = seeing
+    config = generation_config(SETTINGS[name], loaded.model.generation_config)
+    engine = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
+    with torch.inference_mode():
+        hidden = engine.encode(pixels[:6])
+        plain = [c[0].tokens for c in engine.decode(hidden, config)]
+        # ban what each image said: its first token alone, or its 2nd token after its 1st (a 2-token rule)
+        per_image = [
+            [[plain[0][0]]],
+            [],
+            [[plain[2][0], plain[2][1]]],
+            [[plain[3][0]], [plain[3][1]]],
+            [[plain[4][0], plain[4][1]], [plain[4][2]]],
+            [],
+        ]
+        bans = engine.bans(per_image)
+        got = engine.decode(hidden, config, bans)
+        prefixes = [[5], [5], [7, 7], [5], [7, 7], [5]]
+        got_prefixed = engine.decode_prefixed(hidden, config, prefixes, bans=bans)
+        for image, banned in enumerate(per_image):
+            alone = copy.deepcopy(config)
+            alone.bad_words_ids = banned or None
+            expected = engine.decode(hidden[image : image + 1], alone)[0]
+            assert [d.tokens for d in got[image]] == [d.tokens for d in expected]
+            expected = engine.decode_prefixed(hidden[image : image + 1], alone, [prefixes[image]])[0]
+            assert [d.tokens for d in got_prefixed[image]] == [d.tokens for d in expected]
+    assert got[0][0].tokens[:1] != plain[0][:1] and got[1][0].tokens == plain[1]
+    assert engine.bans([[], []]) is None

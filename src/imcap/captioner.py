@@ -178,35 +178,43 @@ class Captioner:
 
     def _guided_decode(self, encoded: Encoded, config) -> list[list[Decoded]]:
         """Decode with the words guidance rules out banned, then decode again, constrained, the images
-        whose caption misses a confident concept (imcap.guidance). Images are grouped by their banned
-        words, so each group is one batched engine call."""
+        whose caption misses a confident concept (imcap.guidance). Each image has its own banned words,
+        and each pass is one batched engine call all the same (imcap.engine.Bans)."""
         plans = self.guide.plans(encoded.concept_probs)
-        per_image: list[list[Decoded]] = [[] for _ in plans]
-        for banned, rows in _group_by(plans, lambda plan: plan.banned).items():
-            decoded = self.engine.decode(encoded.hidden[rows], self._banning(config, banned))
-            for row, candidates in zip(rows, decoded, strict=True):
-                per_image[row] = candidates
+        per_image = self.engine.decode(encoded.hidden, config, self._bans([p.banned for p in plans]))
         for row, plan in enumerate(plans):
             best = self.loaded.tokenizer.decode(per_image[row][0].tokens, skip_special_tokens=True)
             missing = self.guide.missing_word(plan, best)
             plan.required = (missing,) if missing else ()
-        to_redo = [i for i, plan in enumerate(plans) if plan.required]
-        by_bans = _group_by([plans[i] for i in to_redo], self.guide.guarded)
-        for banned, positions in by_bans.items():
-            rows = [to_redo[p] for p in positions]
-            config_here = self._banning(config, banned)
-            decoded = self._rewrite(encoded.hidden[rows], config_here, [plans[r] for r in rows])
+        rows = [i for i, plan in enumerate(plans) if plan.required]
+        if rows:
+            decoded = self._rewrite(encoded.hidden[rows], config, [plans[r] for r in rows])
             for row, candidates in zip(rows, decoded, strict=True):
                 per_image[row] = candidates
         return per_image
 
     def _rewrite(self, hidden: torch.Tensor, config, plans: list[Plan]) -> list[list[Decoded]]:
-        """Decode again so that each caption names its plan's required words (GuidanceSettings.placement)."""
+        """Decode again so that each caption names its plan's required words (GuidanceSettings.placement),
+        with the guard's words ruled out."""
+        guarded = [self.guide.guarded(plan) for plan in plans]
         if self.guide.settings.placement == "start":
             prefixes = [self.guide.prefix(plan.required[0]) for plan in plans]
-            return self.engine.decode_prefixed(hidden, config, prefixes, self.guide.word_continuations)
-        constraints = [[self.guide.constraint(w) for w in plan.required] for plan in plans]
-        return self.engine.decode_guided(hidden, config, constraints, self.guide.word_continuations)
+            return self.engine.decode_prefixed(
+                hidden, config, prefixes, self.guide.word_continuations, self._bans(guarded)
+            )
+        # constrained beam search takes one list of banned words per call: one call per list
+        results: list[list[Decoded]] = [[] for _ in plans]
+        for banned, rows in _group_by(guarded, lambda words: words).items():
+            constraints = [[self.guide.constraint(w) for w in plans[r].required] for r in rows]
+            decoded = self.engine.decode_guided(
+                hidden[rows], self._banning(config, banned), constraints, self.guide.word_continuations
+            )
+            for row, candidates in zip(rows, decoded, strict=True):
+                results[row] = candidates
+        return results
+
+    def _bans(self, banned_words: Sequence[Sequence[str]]):
+        return self.engine.bans([self.guide.bad_words_ids(words) for words in banned_words])
 
     def _banning(self, config, banned: tuple[str, ...]):
         if not banned:

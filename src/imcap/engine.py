@@ -91,6 +91,47 @@ class EngineOptions:
             raise ValueError(f"encoder_batch must be a whole number >= 1, got {self.encoder_batch!r}")
 
 
+class Bans:
+    """Token sequences that each image's captions may not contain: `NoBadWordsLogitsProcessor`'s rule (a
+    one-token sequence is never emitted; a longer one's last token not after the others), but per image,
+    so that images with different bans still decode in one batch (guidance bans different words for
+    different photos; grouping them into one call per ban list cost more than the decoding itself)."""
+
+    def __init__(self, per_image: Sequence[Sequence[Sequence[int]]], vocab_size: int):
+        self.single = torch.zeros(len(per_image), vocab_size, dtype=torch.bool)  # (B, V)
+        self.multi: list[list[tuple[int, ...]]] = [[] for _ in per_image]
+        for image, sequences in enumerate(per_image):
+            for sequence in sequences:
+                if len(sequence) == 1:
+                    self.single[image, sequence[0]] = True
+                elif sequence:
+                    self.multi[image].append(tuple(sequence))
+
+    @classmethod
+    def build(cls, per_image: Sequence[Sequence[Sequence[int]]], vocab_size: int) -> Bans | None:
+        """None when no image bans anything (decoding then takes the plain path)."""
+        return cls(per_image, vocab_size) if any(per_image) else None
+
+    def subset(self, images: Sequence[int]) -> Bans:
+        subset = Bans([], self.single.shape[1])
+        subset.single, subset.multi = self.single[list(images)], [self.multi[i] for i in images]
+        return subset
+
+    def apply(self, sequences: torch.Tensor, scores: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """scores (rows, V) with the banned continuations of each row set to -inf; images[row] is the
+        image (index into the bans) the row decodes, sequences (rows, T) the tokens so far."""
+        scores = scores.masked_fill(self.single.to(scores.device)[images], float("-inf"))
+        rows = [(row, self.multi[image]) for row, image in enumerate(images.tolist()) if self.multi[image]]
+        if rows:
+            history = sequences.tolist()  # once: per-row tensor slicing costs more than the check
+            for row, banned_sequences in rows:
+                for banned in banned_sequences:
+                    before = list(banned[:-1])
+                    if history[row][-len(before) :] == before:
+                        scores[row, banned[-1]] = float("-inf")
+        return scores
+
+
 class Engine:
     """Encode pixels once, decode every image of a batch together; see the module docstring."""
 
@@ -122,14 +163,21 @@ class Engine:
         probs = None if any(x is None for x in logits) else torch.cat(logits).float().softmax(dim=-1)
         return Encoded(_project_to_decoder(self.model, hidden), probs)
 
+    def bans(self, per_image: Sequence[Sequence[Sequence[int]]]) -> Bans | None:
+        """Per-image banned token sequences (see `Bans`) for `decode` and `decode_prefixed`."""
+        return Bans.build(per_image, self.model.decoder.config.vocab_size)
+
     @torch.inference_mode()
-    def decode(self, hidden: torch.Tensor, config: GenerationConfig) -> list[list[Decoded]]:
-        """Per image, the `num_return_sequences` best captions (best first) under greedy or beam search."""
+    def decode(
+        self, hidden: torch.Tensor, config: GenerationConfig, bans: Bans | None = None
+    ) -> list[list[Decoded]]:
+        """Per image, the `num_return_sequences` best captions (best first) under greedy or beam search;
+        `bans`: what each image's captions may not contain, as `config.bad_words_ids` would for all."""
         config = _with_defaults(config)
         processors = _logits_processors(config, self.special)
         if config.num_beams > 1:
-            return _BeamSearch(self.decoder, hidden, config, self.special, processors).run()
-        return _greedy(self.decoder, hidden, config, self.special, processors)
+            return _BeamSearch(self.decoder, hidden, config, self.special, processors, bans=bans).run()
+        return _greedy(self.decoder, hidden, config, self.special, processors, bans)
 
     @torch.inference_mode()
     def decode_prefixed(
@@ -138,6 +186,7 @@ class Engine:
         config: GenerationConfig,
         prefixes: Sequence[Sequence[int]],
         word_continuations: Collection[int] = (),
+        bans: Bans | None = None,
     ) -> list[list[Decoded]]:
         """Beam search where every caption of image b starts with the tokens prefixes[b] (returned as part
         of its tokens and score). Images are grouped by prefix length, one search per group; a greedy
@@ -153,7 +202,10 @@ class Engine:
             if word_continuations and length:
                 processors.append(_BanAtPosition(1 + length, sorted(word_continuations)))
             prefix = torch.tensor([list(prefixes[i]) for i in images], device=hidden.device)
-            search = _BeamSearch(self.decoder, hidden[images], config, self.special, processors, prefix)
+            group_bans = bans.subset(images) if bans is not None else None
+            search = _BeamSearch(
+                self.decoder, hidden[images], config, self.special, processors, prefix, group_bans
+            )
             for image, decoded in zip(images, search.run(), strict=True):
                 results[image] = decoded
         return results
@@ -278,7 +330,7 @@ def _next_log_probs(decoder, tokens, hidden, cache) -> torch.Tensor:
     return torch.log_softmax(_next_logits(decoder, tokens, hidden, cache), dim=-1)
 
 
-def _greedy(decoder, hidden, config, special, processors) -> list[list[Decoded]]:
+def _greedy(decoder, hidden, config, special, processors, bans: Bans | None = None) -> list[list[Decoded]]:
     """Greedy decoding as `generate` does it: argmax of the processed logits, until end-of-text."""
     batch, cache = hidden.shape[0], _new_cache(decoder)
     sequences = torch.full((batch, 1), special.start, dtype=torch.long, device=hidden.device)
@@ -287,6 +339,8 @@ def _greedy(decoder, hidden, config, special, processors) -> list[list[Decoded]]
     results: list[list[Decoded]] = [[] for _ in range(batch)]
     for _ in range(config.max_new_tokens):
         processed = processors(sequences, _next_logits(decoder, sequences, hidden, cache))
+        if bans is not None:
+            processed = bans.apply(sequences, processed, active)
         token = processed.argmax(dim=-1)
         # generate scores greedy tokens with the processed logits, normalised (see Captioner._generate)
         scores = scores + torch.log_softmax(processed, dim=-1).gather(1, token[:, None]).squeeze(1)
@@ -317,8 +371,10 @@ class _BeamSearch:
         special: _Special,
         processors,
         prefix: torch.Tensor | None = None,
+        bans: Bans | None = None,
     ):
         self.decoder, self.config, self.special, self.processors = decoder, config, special, processors
+        self.bans = bans
         self.beams, self.keep = config.num_beams, max(2, 1 + len(special.eos)) * config.num_beams
         self.penalty, self.early_stopping = config.length_penalty, config.early_stopping
         batch, device = hidden.shape[0], hidden.device
@@ -370,6 +426,7 @@ class _BeamSearch:
             log_probs = self.processors(first, self._prefix_log_probs(first))
         else:
             log_probs = self.processors(first, _next_log_probs(self.decoder, first, self.hidden, self.cache))
+        log_probs = self._banned(first, log_probs, self.images)
         per_beam = torch.arange(len(first), device=rows.device).repeat_interleave(self.beams)
         self.cache.reorder_cache(per_beam)
         self.hidden = self.hidden[per_beam]
@@ -385,7 +442,11 @@ class _BeamSearch:
         return log_probs[:, -1]
 
     def _next_step(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.processors(rows, _next_log_probs(self.decoder, rows, self.hidden, self.cache))
+        log_probs = self.processors(rows, _next_log_probs(self.decoder, rows, self.hidden, self.cache))
+        return self._banned(rows, log_probs, self.images.repeat_interleave(self.beams))
+
+    def _banned(self, rows: torch.Tensor, log_probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return log_probs if self.bans is None else self.bans.apply(rows, log_probs, images)
 
     def _step(self, log_probs: torch.Tensor, length: int) -> torch.Tensor:
         batch, beams = self.running.shape[:2]

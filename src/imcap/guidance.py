@@ -85,6 +85,7 @@ class Guide:
 
     def __init__(self, table: ConceptTable, settings: GuidanceSettings, tokenizer):
         self.table, self.settings, self.tokenizer = table, settings, tokenizer
+        self._token_ids: dict[str, tuple[int, ...]] = {}
         self.words = sorted(set(table.words))  # the words a caption would use, one or more classes each
         # a word is as probable as all the classes it names: "dog" sums every breed, "missile" both the
         # missile and the projectile class (each lists "missile" among its synonyms)
@@ -174,4 +175,10 @@ class Guide:
         return [list(ids) for word in words for form in word_forms(word) if (ids := self._ids(form))]
 
     def _ids(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer(" " + text, add_special_tokens=False)["input_ids"])
+        # memoised: the guard asks for hundreds of names per rewritten caption, always the same ones
+        ids = self._token_ids.get(text)
+        if ids is None:
+            ids = self._token_ids[text] = tuple(
+                self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+            )
+        return ids
