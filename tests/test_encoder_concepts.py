@@ -68,7 +68,8 @@ def test_concept_tokens_need_the_head():
 
 @torch.no_grad()
 def test_shipped_model_tags_are_the_imagenet_classifier():
-    """The shipped model's CNN is ImageNet's (frozen in training), so its tags are the classifier's."""
+    """The shipped model's head reads ImageNet's trunk and its own frozen copy of ImageNet's tail (the
+    tail that feeds the decoder was fine-tuned), so its tags are the classifier's."""
     loaded = load_model()
     config = loaded.model.encoder.config
     assert config.concept_head and config.concept_table
