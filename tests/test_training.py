@@ -178,3 +178,30 @@ def test_tail_fine_tunes_beside_the_frozen_concept_tail(data, tmp_path):
     assert any(not torch.equal(end[key], fresh[key]) for key in tail)
     encoder = load_model(best).model.encoder
     assert encoder.config.concept_tail and hasattr(encoder, "concept_tail")
+
+
+@pytest.mark.parametrize("concepts", [False, True], ids=["plain", "concept_tail"])
+def test_scst_fine_tunes_the_tail_when_asked(data, tmp_path, concepts):
+    """scst.finetune_tail: the tail, frozen through cross-entropy here, changes in the SCST epoch (from the
+    cached trunk features, or the trunk-only path of a concept_tail encoder); the head's copy does not."""
+    config = tiny_config(data, tmp_path / "run", tmp_path / "cache", xe_epochs=1, scst_epochs=1)
+    config.scst.finetune_tail = True
+    config.optim.tail_lr_scale = 1.0
+    if concepts:
+        config.model.concept_head, config.model.concept_tokens, config.model.concept_tail = True, 3, True
+    train(config.validate())
+    after_scst = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    loop._seed_everything(config.seed)
+    fresh = loop.build(config, TINY_CAPTIONS, None).model.state_dict()
+    tail = [k for k in fresh if k.startswith("encoder.cnn._conv_head.")]
+    assert tail and any(not torch.equal(after_scst[key], fresh[key]) for key in tail)
+    for key in (k for k in fresh if k.startswith(("encoder.concept_tail.", "encoder.classifier."))):
+        torch.testing.assert_close(after_scst[key], fresh[key])
+
+
+def test_scst_tail_needs_the_concept_heads_own_copy(data, tmp_path):
+    raw = tiny_config(data, tmp_path / "run", tmp_path / "cache").to_dict()
+    raw["model"].update(concept_head=True)
+    raw["scst"]["finetune_tail"] = True
+    with pytest.raises(ValueError, match="frozen tail"):
+        TrainConfig.from_dict(raw)

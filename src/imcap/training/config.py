@@ -109,6 +109,9 @@ class ScstConfig:
     samples: int = 5  # per image; each sample's baseline is the mean reward of the others (Luo 2020)
     lr: float = 2e-5
     max_new_tokens: int = 20
+    # the CNN tail keeps training in these epochs too (at optim.tail_lr_scale times scst.lr): the rewards
+    # then shape the visual features, not only the decoder
+    finetune_tail: bool = False
 
 
 @dataclass
@@ -128,14 +131,18 @@ class TrainConfig:
 
     def validate(self, where: str = "config") -> TrainConfig:
         self.model.validate(where)
-        if self.model.frozen_encoder and self.optim.finetune_tail_from_epoch is not None:
-            raise ValueError(f"{where}: a pretrained encoder is frozen; unset optim.finetune_tail_from_epoch")
+        tail_trains = self.optim.finetune_tail_from_epoch is not None or self.scst.finetune_tail
+        if self.model.frozen_encoder and tail_trains:
+            raise ValueError(
+                f"{where}: a pretrained encoder is frozen; unset optim.finetune_tail_from_epoch and "
+                "scst.finetune_tail"
+            )
         concepts = self.model.concept_head or self.model.concept_tokens > 0
-        if concepts and self.optim.finetune_tail_from_epoch is not None and not self.model.concept_tail:
+        if concepts and tail_trains and not self.model.concept_tail:
             # the frozen ImageNet head reads the tail's output: a tail trained here would change its meaning
             raise ValueError(
                 f"{where}: model.concept_head needs a frozen tail; set model.concept_tail (the head gets "
-                "its own copy) or unset finetune_tail_from_epoch"
+                "its own copy) or leave the tail frozen"
             )
         if self.model.concept_tail and not concepts:
             raise ValueError(f"{where}: model.concept_tail needs model.concept_head")

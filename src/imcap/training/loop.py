@@ -183,7 +183,7 @@ def _train_epoch(run: Run, state: dict, xe: bool) -> dict:
     """One epoch of either stage, then (rank 0) validation, logging and a checkpoint."""
     config, model, process = run.config, run.model, run.process
     epoch = state["epoch"] + 1
-    tail_trains = xe and _tail_trains(config, epoch)
+    tail_trains = _tail_trains(config, epoch) if xe else config.scst.finetune_tail
     run.front.set_tail_trainable(tail_trains)
     optimizer, scheduler = _optimizers(run, state, xe)
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch + (0 if xe else 500))
@@ -199,7 +199,7 @@ def _train_epoch(run: Run, state: dict, xe: bool) -> dict:
             run, step_module, optimizer, scheduler, generator, tail_trains, epoch, state["steps"]
         )
     else:
-        steps = _scst_epoch(run, step_module, optimizer, generator, epoch, state["steps"])
+        steps = _scst_epoch(run, step_module, optimizer, generator, tail_trains, epoch, state["steps"])
     run.clock.stop(process)
     del step_module  # its DDP reducer and gradient hooks go with it
     if tail_trains:
@@ -261,7 +261,7 @@ def _xe_epoch(
     return rows
 
 
-def _scst_epoch(run: Run, step_module, optimizer, generator, epoch: int, step: int):
+def _scst_epoch(run: Run, step_module, optimizer, generator, tail_trains: bool, epoch: int, step: int):
     """Self-critical epoch: sample captions, reward them with CIDEr-D, raise the better ones."""
     from imcap.metrics import CiderD  # training-only dependency
 
@@ -278,9 +278,9 @@ def _scst_epoch(run: Run, step_module, optimizer, generator, epoch: int, step: i
         if len(batch) < process.world:
             continue
         index = torch.tensor(batch[process.rank :: process.world])
-        features = run.train_maps[index].to(process.device)
+        features = (run.train_features if tail_trains else run.train_maps)[index].to(process.device)
         with torch.no_grad():
-            tokens = run.front.tokens(features, from_trunk=False)
+            tokens = run.front.tokens(features, from_trunk=tail_trains)
         samples = generate_from_tokens(
             model,
             tokens,
@@ -295,7 +295,7 @@ def _scst_epoch(run: Run, step_module, optimizer, generator, epoch: int, step: i
         ids = [names[i] for i in index.tolist() for _ in range(config.samples)]
         rewards = torch.tensor(run.cider.scores(texts, ids), dtype=torch.float32, device=process.device)
         mask = caption_mask(samples, tok.eos_token_id)
-        logits = step_module(features, samples, mask, config.samples, False)
+        logits = step_module(features, samples, mask, config.samples, tail_trains)
         per_sample = scst_loss(logits, samples, mask, rewards, config.samples)
         loss = distributed.global_mean(per_sample.sum(), per_sample.numel(), process)
         _step(model, optimizer, None, loss, run.config.optim.grad_clip)
