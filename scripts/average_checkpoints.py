@@ -1,0 +1,32 @@
+"""Average checkpoints of one training run into a model folder (imcap.training.averaging).
+
+    .venv/bin/python scripts/average_checkpoints.py runs/x/best ckpt-9.pt ckpt-10.pt --output runs/x/avg
+
+MODEL_DIR gives the architecture, tokenizer and preprocessing (the run's `best/`); the checkpoints are
+`imcap train`'s checkpoint.pt files (copies of them from the epochs to average).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from imcap.training.averaging import average_checkpoints
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", type=Path, help="a model folder of the same run (its best/)")
+    parser.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint.pt files to average")
+    parser.add_argument("--output", type=Path, required=True, help="the averaged model's folder")
+    parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default: fp16)")
+    args = parser.parse_args()
+    missing = [str(p) for p in [args.model_dir, *args.checkpoints] if not p.exists()]
+    if missing:
+        parser.error(f"not found: {', '.join(missing)}")
+    out = average_checkpoints(args.model_dir, args.checkpoints, args.output, fp16=not args.fp32)
+    print(f"averaged {len(args.checkpoints)} checkpoints -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Checkpoint averaging: one model whose weights are the mean of several checkpoints of the same run.
+
+Averaging the last epochs' weights (Polyak averaging, as in Vaswani et al. 2017's checkpoint averaging)
+smooths the noise of the last updates at no inference cost. It needs the checkpoints of one run, so that
+the weights are close enough for their mean to be a model too; `imcap train` overwrites `checkpoint.pt`
+every epoch, so keep copies of the ones to average.
+
+    .venv/bin/python scripts/average_checkpoints.py runs/x/best ckpt-9.pt ckpt-10.pt --output runs/x/avg
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from imcap.modeling import load_model, save_model
+
+
+def average_state_dicts(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of floating-point tensors; other tensors (BatchNorm's step counters, token
+    ids) must be equal in every state and are kept as they are."""
+    if not states:
+        raise ValueError("nothing to average: no checkpoints given")
+    keys = list(states[0])
+    for i, state in enumerate(states[1:], start=2):
+        if set(state) != set(keys):
+            differ = sorted(set(state) ^ set(keys))
+            raise ValueError(f"checkpoint {i} has other weights than the first ({', '.join(differ[:3])} ...)")
+    averaged = {}
+    for key in keys:
+        tensors = [state[key] for state in states]
+        if any(t.shape != tensors[0].shape for t in tensors):
+            raise ValueError(f"{key}: the checkpoints' shapes differ; they are not from one model")
+        if tensors[0].is_floating_point():
+            averaged[key] = torch.stack([t.float() for t in tensors]).mean(0).to(tensors[0].dtype)
+        else:
+            if any(not torch.equal(t, tensors[0]) for t in tensors):
+                raise ValueError(f"{key}: a non-float tensor differs between the checkpoints")
+            averaged[key] = tensors[0]
+    return averaged
+
+
+def average_checkpoints(
+    model_dir: str | Path, checkpoints: Sequence[str | Path], destination: str | Path, fp16: bool = True
+) -> Path:
+    """Load the model folder `model_dir` (its architecture, tokenizer and preprocessing), put the mean of
+    the checkpoints' weights in it (`imcap train`'s checkpoint.pt files, or state dicts) and save it to
+    `destination`, as fp16 safetensors by default (how the default model ships)."""
+    loaded = load_model(model_dir)
+    states = [_weights(Path(path)) for path in checkpoints]
+    loaded.model.load_state_dict(average_state_dicts(states))
+    save_model(loaded.model, loaded.tokenizer, loaded.image_processor, destination, fp16=fp16)
+    return Path(destination)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    return payload.get("model", payload)

@@ -1,0 +1,60 @@
+"""Checkpoint averaging: the mean of the weights, refusals for checkpoints of different models, and a
+real run's checkpoints averaged into a model folder that loads."""
+
+import pytest
+import torch
+
+from imcap.modeling import load_model
+from imcap.training.averaging import average_checkpoints, average_state_dicts
+from imcap.training.loop import train
+
+from .test_training import data, tiny_config  # noqa: F401  (data: the module's shared Flickr8k subset)
+
+
+def test_floats_are_averaged_and_counters_kept():
+    first = {
+        "w": torch.tensor([1.0, 3.0]),
+        "steps": torch.tensor(5),
+        "half": torch.tensor([1.0], dtype=torch.half),
+    }
+    second = {
+        "w": torch.tensor([3.0, 5.0]),
+        "steps": torch.tensor(5),
+        "half": torch.tensor([2.0], dtype=torch.half),
+    }
+    averaged = average_state_dicts([first, second])
+    torch.testing.assert_close(averaged["w"], torch.tensor([2.0, 4.0]))
+    assert averaged["steps"].item() == 5 and averaged["half"].dtype == torch.half
+    assert averaged["half"].item() == 1.5
+
+
+@pytest.mark.parametrize(
+    "second, message",
+    [
+        ({"w": torch.zeros(2)}, "other weights"),
+        ({"w": torch.zeros(3), "steps": torch.tensor(5)}, "shapes differ"),
+        ({"w": torch.zeros(2), "steps": torch.tensor(6)}, "non-float tensor differs"),
+    ],
+)
+def test_checkpoints_of_different_models_are_refused(second, message):
+    first = {"w": torch.zeros(2), "steps": torch.tensor(5)}
+    with pytest.raises(ValueError, match=message):
+        average_state_dicts([first, second])
+    with pytest.raises(ValueError, match="nothing to average"):
+        average_state_dicts([])
+
+
+def test_a_runs_checkpoints_average_into_a_model_folder(data, tmp_path):  # noqa: F811
+    best = train(tiny_config(data, tmp_path / "run", tmp_path / "cache", xe_epochs=1))
+    first = tmp_path / "run" / "checkpoint.pt"
+    payload = torch.load(first, weights_only=False)
+    moved = {k: v + 1 if v.is_floating_point() else v for k, v in payload["model"].items()}
+    second = tmp_path / "moved.pt"
+    torch.save({**payload, "model": moved}, second)
+
+    out = average_checkpoints(best, [first, second], tmp_path / "avg", fp16=False)
+
+    averaged = load_model(out).model.state_dict()
+    for key, value in payload["model"].items():
+        expected = value + 0.5 if value.is_floating_point() else value
+        torch.testing.assert_close(averaged[key], expected)
