@@ -17,6 +17,10 @@ from the shipped concept table (imcap.concepts), so the benchmark does not grade
   name an object of COCO's 80 categories (OBJECT_WORDS, people left out) that is not the class or a
   hypernym of it. A photo of one ImageNet class rarely shows a second such object, so this counts mostly
   invented ones ("a coffee cup on a boat").
+- people on non-person classes: of the classes whose synset is not under WordNet's `person`, the share
+  whose caption says a person (man, woman, people, girl, ...). Photos of things often show someone too, so
+  this is not all invention; it compares models on the same photos (a Flickr8k-trained decoder likes to
+  add "a man" or "a little girl" after the object: "a carbonara is playing with a little girl").
 
 It prints the shares with their counts, the model, settings, machine and time, then every miss
 (`wnid  label  ->  caption`); --json writes the same plus one row per photo. The exit status is 0.
@@ -46,6 +50,11 @@ from imcap.wordnet import Synset, WordNet, read_noun_synsets
 REPO = Path(__file__).resolve().parents[1]
 DOG = "n02084071"  # dog, domestic dog, Canis familiaris
 DOG_WORDS = ("dog", "puppy")  # and their plurals
+PERSON = "n00007846"  # person, individual, someone, somebody, mortal, soul
+PEOPLE_WORDS = (
+    "man", "men", "woman", "women", "person", "people", "boy", "girl", "child", "children", "kid", "lady",
+    "ladies", "guy", "player", "baby", "toddler", "crowd", "skier", "snowboarder", "surfer", "swimmer",
+)  # fmt: skip
 # COCO's object categories as a caption says them (people left out: hard to rule out in any photo)
 OBJECT_WORDS = (
     "bicycle", "bike", "car", "motorcycle", "airplane", "plane", "bus", "train", "truck", "boat",
@@ -114,6 +123,8 @@ class Row:
     dog_class: bool  # the class is a dog (under WordNet's dog synset)
     says_dog: bool
     other_objects: list[str]  # COCO object words the caption names that are not the class
+    person_class: bool = False  # the class is a kind of person (groom, scuba diver, ballplayer)
+    says_person: bool = False
 
 
 def read_photos(data: Path, limit: int | None) -> list[Photo]:
@@ -151,8 +162,14 @@ def is_dog(wordnet: WordNet, wnid: str) -> bool:
     return wordnet.is_under(wordnet.synset(wnid), wordnet.synset(DOG))
 
 
-def score(photo: Photo, caption: str | None, words: list[str], dog_class: bool) -> Row:
-    """One photo's scores: does the caption name the class, does it say dog."""
+def is_person(wordnet: WordNet, wnid: str) -> bool:
+    return wordnet.is_under(wordnet.synset(wnid), wordnet.synset(PERSON))
+
+
+def score(
+    photo: Photo, caption: str | None, words: list[str], dog_class: bool, person_class: bool = False
+) -> Row:
+    """One photo's scores: does the caption name the class, does it say dog, a person, other objects."""
     text = caption or ""
     return Row(
         **asdict(photo),
@@ -161,12 +178,16 @@ def score(photo: Photo, caption: str | None, words: list[str], dog_class: bool) 
         dog_class=dog_class,
         says_dog=mentions(text, DOG_WORDS),
         other_objects=[w for w in OBJECT_WORDS if mentions(text, (w,)) and not mentions(w, words)],
+        person_class=person_class,
+        says_person=mentions(text, PEOPLE_WORDS),
     )
 
 
 def summarize(rows: list[Row]) -> dict:
-    """The two shares and their counts (unreadable photos count as misses)."""
+    """The shares and their counts (unreadable photos count as misses)."""
     others = [row for row in rows if not row.dog_class]
+    things = [row for row in rows if not row.person_class]
+    people_on_things = sum(row.says_person for row in things)
     named = sum(row.named for row in rows)
     dog_on_others = sum(row.says_dog for row in others)
     return {
@@ -179,6 +200,9 @@ def summarize(rows: list[Row]) -> dict:
         "dog_on_non_dog_share": dog_on_others / len(others) if others else 0.0,
         "other_objects": sum(bool(row.other_objects) for row in rows),
         "other_objects_share": sum(bool(row.other_objects) for row in rows) / len(rows) if rows else 0.0,
+        "non_person_classes": len(things),
+        "people_on_non_person": people_on_things,
+        "people_on_non_person_share": people_on_things / len(things) if things else 0.0,
     }
 
 
@@ -216,6 +240,8 @@ def report(result: dict) -> str:
         f"named: {s['named_share']:.1%} ({s['named']}/{s['photos']})",
         f"dog on non-dog: {s['dog_on_non_dog_share']:.1%} ({s['dog_on_non_dog']}/{s['non_dog_classes']})",
         f"other objects: {s['other_objects_share']:.1%} ({s['other_objects']}/{s['photos']})",
+        f"people on non-person classes: {s['people_on_non_person_share']:.1%} "
+        f"({s['people_on_non_person']}/{s['non_person_classes']})",
         f"generic (not counted as naming): {', '.join(GENERIC.values())}",
         f"misses ({len(result['misses'])}):",
     ]
@@ -251,7 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     captions = caption_photos(captioner, paths, options, args.batch_size)
     seconds = time.monotonic() - started
     rows = [
-        score(photo, captions.get(path), naming_words(wordnet, photo.wnid), is_dog(wordnet, photo.wnid))
+        score(
+            photo,
+            captions.get(path),
+            naming_words(wordnet, photo.wnid),
+            dog_class=is_dog(wordnet, photo.wnid),
+            person_class=is_person(wordnet, photo.wnid),
+        )
         for photo, path in zip(photos, paths, strict=True)
     ]
     result = {

@@ -59,6 +59,22 @@ def test_naming_words_come_from_wordnet_without_generic_ones(bench):
         bench.Photo("z.jpg", 340, "n02391049", "zebra"), "Two puppies.", words, False
     )
     assert puppy_on_zebra.says_dog and not puppy_on_zebra.named
+    assert bench.is_person(wordnet, "n10148035") and not bench.is_person(wordnet, "n02391049")  # groom, zebra
+
+
+def test_people_are_counted_on_classes_that_are_not_people(bench):
+    carbonara = bench.Photo("c.jpg", 959, "n07831146", "carbonara")
+    groom = bench.Photo("g.jpg", 982, "n10148035", "groom")
+    rows = [
+        bench.score(carbonara, "A carbonara is playing with a little girl.", ["carbonara"], False),
+        bench.score(carbonara, "Two men and a plate of carbonara.", ["carbonara"], False),
+        bench.score(carbonara, "A carbonara on a table.", ["carbonara"], False),
+        bench.score(groom, "A man in a suit.", ["groom", "man"], False, person_class=True),
+    ]
+    assert [row.says_person for row in rows] == [True, True, False, True]
+    summary = bench.summarize(rows)
+    assert (summary["people_on_non_person"], summary["non_person_classes"]) == (2, 3)
+    assert summary["people_on_non_person_share"] == pytest.approx(2 / 3)
 
 
 @needs_wordnet
@@ -68,6 +84,7 @@ def test_main_captions_a_few_photos_with_the_shipped_model(bench, tmp_path, caps
     assert bench.main(["--data", str(IMAGENET_SAMPLE), "--limit", "5", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "named: " in printed and "dog on non-dog: " in printed and "generic (not counted" in printed
+    assert "people on non-person classes: " in printed
     result = json.loads(out.read_text())
     assert [row["index"] for row in result["rows"]] == [0, 1, 2, 3, 4]
     assert all(row["caption"] for row in result["rows"]) and result["options"]["guide"] is True
