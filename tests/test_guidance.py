@@ -82,6 +82,19 @@ def test_guard_rules_out_unlikely_concept_words_but_not_the_named_one(guide):
     assert "zebra" not in banned and "cat" not in banned  # named, or likely enough
 
 
+@pytest.mark.parametrize("guard_threshold", [0.0, 0.05])
+def test_rewrite_ban_words_are_ruled_out_of_every_rewrite(guide, guard_threshold):
+    settings = dataclasses.replace(
+        guide.settings, guard_threshold=guard_threshold, rewrite_ban_words=("man", "girl")
+    )
+    strict = Guide(TABLE, settings, guide.tokenizer)
+    [plan] = strict.plans(probs(zebra=0.9))
+    plan.required = ("zebra",)
+    assert {"man", "girl"} <= set(strict.guarded(plan))
+    [plain] = guide.plans(probs(zebra=0.9))
+    assert "man" not in guide.guarded(plain)  # off unless the settings list them
+
+
 def test_prefix_and_constraint_tokens(guide):
     assert guide.tokenizer.decode(guide.prefix("cat")) == " a cat"
     assert guide.tokenizer.decode(guide.prefix("insect")) == " an insect"
@@ -90,7 +103,9 @@ def test_prefix_and_constraint_tokens(guide):
 
 
 def test_settings_round_trip(tmp_path):
-    settings = GuidanceSettings(0.6, 0.2, ("dog",), "anywhere", 0.01, chosen_on="val")
+    settings = GuidanceSettings(
+        0.6, 0.2, ("dog",), "anywhere", 0.01, rewrite_ban_words=("man",), chosen_on="val"
+    )
     settings.save(tmp_path)
     assert GuidanceSettings.load(tmp_path) == settings
     assert GuidanceSettings.load(tmp_path / "nothing") is None

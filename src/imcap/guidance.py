@@ -50,6 +50,9 @@ class GuidanceSettings:
     # words the naming rule never forces: on the Flickr8k training photos where the head is sure of them,
     # people's captions rarely say them ("swimming trunks", "seashore": they say "in the water", "beach")
     unsaid_words: tuple[str, ...] = ()
+    # words a rewritten caption may never use: the head has no class for people, and after a forced subject
+    # the decoder tends to add Flickr8k's people ("a carbonara is playing with a little girl")
+    rewrite_ban_words: tuple[str, ...] = ()
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
     def __post_init__(self):
@@ -64,7 +67,7 @@ class GuidanceSettings:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
-        lists = {key: tuple(raw.get(key, ())) for key in ("ban_words", "unsaid_words")}
+        lists = {key: tuple(raw.get(key, ())) for key in ("ban_words", "unsaid_words", "rewrite_ban_words")}
         return cls(**{**raw, **lists})
 
     def save(self, folder: str | Path) -> None:
@@ -149,8 +152,9 @@ class Guide:
     def guarded(self, plan: Plan) -> tuple[str, ...]:
         """The words a rewritten caption must not use: the plan's bans, plus (with a guard threshold) every
         word of the table the classifier gives less than it, but for those compatible with the named one."""
+        banned = set(plan.banned) | set(self.settings.rewrite_ban_words)
         if not self.settings.guard_threshold:
-            return plan.banned
+            return tuple(sorted(banned))
         likely = [w for w, p in plan.word_probs.items() if p >= self.settings.guard_threshold]
         keep = {name for word in [*plan.required, *likely] for name in self._compatible[word]}
         unlikely = {
@@ -160,7 +164,7 @@ class Guide:
             for name in self._compatible[word]
             if name not in keep and name in self._one_token_names
         }
-        return tuple(sorted(set(plan.banned) | unlikely))
+        return tuple(sorted(banned | unlikely))
 
     def prefix(self, word: str) -> tuple[int, ...]:
         """Token ids of "a WORD" / "an WORD": the start of a caption about it."""
