@@ -4,7 +4,8 @@
 
 Every setting captions the whole split through `imcap.evaluate` (the same captions `imcap eval` makes,
 guidance as the model ships it unless `--no-guide`) and is scored with CIDEr-D and BLEU-4 (METEOR is left
-out: it runs Java, ~30 s per setting; `imcap eval` gives it for the chosen one). Select on val only; the held-out test split stays unseen.
+out: it runs Java, ~30 s per setting; `imcap eval` gives it for the chosen one). Select on val only; the
+held-out test split stays unseen.
 Also prints each setting's captioning images/s, measured in this run (compare them with each other, not
 with other runs: this machine's speed varies).
 """
