@@ -426,7 +426,7 @@ class _BeamSearch:
             log_probs = self.processors(first, self._prefix_log_probs(first))
         else:
             log_probs = self.processors(first, _next_log_probs(self.decoder, first, self.hidden, self.cache))
-        log_probs = self._banned(first, log_probs, self.images)
+        log_probs = self._banned(first, log_probs, rows_per_image=1)
         per_beam = torch.arange(len(first), device=rows.device).repeat_interleave(self.beams)
         self.cache.reorder_cache(per_beam)
         self.hidden = self.hidden[per_beam]
@@ -443,10 +443,12 @@ class _BeamSearch:
 
     def _next_step(self, rows: torch.Tensor) -> torch.Tensor:
         log_probs = self.processors(rows, _next_log_probs(self.decoder, rows, self.hidden, self.cache))
-        return self._banned(rows, log_probs, self.images.repeat_interleave(self.beams))
+        return self._banned(rows, log_probs, rows_per_image=self.beams)
 
-    def _banned(self, rows: torch.Tensor, log_probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        return log_probs if self.bans is None else self.bans.apply(rows, log_probs, images)
+    def _banned(self, rows: torch.Tensor, log_probs: torch.Tensor, rows_per_image: int) -> torch.Tensor:
+        if self.bans is None:  # the common, unguided path: nothing to index
+            return log_probs
+        return self.bans.apply(rows, log_probs, self.images.repeat_interleave(rows_per_image))
 
     def _step(self, log_probs: torch.Tensor, length: int) -> torch.Tensor:
         batch, beams = self.running.shape[:2]
