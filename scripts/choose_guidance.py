@@ -17,6 +17,12 @@ training set), and with a guard: a setting is allowed only if val CIDEr-D and BL
    the lower it is, the more captions name a confident concept they would have missed.
 3. The guard (words ruled out of rewritten captions): the largest threshold of its grid that passes.
 
+Fitted before the naming sweep, from the training captions (imcap.guidance_fit), and kept through it:
+`subject_followers` (with placement start: the words allowed right after a forced subject), and the
+people rule: `people_classes` (classes the training photos show with people) and `no_people_threshold`,
+the lowest of its grid at which at most `--max-wrong-no-people` of the val photos it fires on have people
+in their references.
+
 `--placement` (start: the concept as the caption's subject; anywhere: constrained beam search places it)
 is a design choice, not searched here: benchmarks/bench_naming.py compares the two.
 
@@ -38,7 +44,15 @@ from imcap.captioner import Captioner
 from imcap.concepts import mentions
 from imcap.data import load_records
 from imcap.generation import CaptionOptions
-from imcap.guidance import GuidanceSettings, Guide
+from imcap.guidance import GuidanceSettings, Guide, no_people_mass
+from imcap.guidance_fit import (
+    PEOPLE_WORDS,
+    named_people_classes,
+    no_people_threshold,
+    people_classes,
+    shows_people,
+    subject_followers,
+)
 from imcap.metrics import score_captions
 
 NAME_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -62,6 +76,8 @@ def main() -> None:
     parser.add_argument("--sure", type=float, default=0.5)
     parser.add_argument("--min-said", type=float, default=0.5)
     parser.add_argument("--min-sure-images", type=int, default=10)
+    parser.add_argument("--max-wrong-no-people", type=float, default=0.15)
+    parser.add_argument("--no-fitted-rules", action="store_true", help="no subject followers, no people rule")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--write", action="store_true", help="save guidance.json in the model folder")
     args = parser.parse_args()
@@ -109,8 +125,15 @@ def main() -> None:
         rows.append({"setting": f"ban {threshold} {list(words)}", **_short(result)})
         if passes(result):
             best_ban = settings
-    unsaid = unsaid_words(captioner, probe, args, rows)
+    train_records = load_records(args.data, args.train_split)[: args.limit]
+    train_probs = encode_probs(captioner, [r.image for r in train_records])
+    unsaid = unsaid_words(probe, train_probs, train_records, args, rows)
     best_ban = best = dataclasses.replace(best_ban, unsaid_words=unsaid)
+    if not args.no_fitted_rules:
+        val_probs = torch.cat([e.concept_probs for _, e in encoded])
+        fitted = fitted_rules(captioner, train_probs, train_records, val_probs, records, args, rows)
+        best_ban = best = dataclasses.replace(best_ban, **fitted)
+        rows.append({"setting": "fitted rules", **_short(run(best_ban))})
     for threshold in sorted(NAME_GRID, reverse=True):  # from strict to loose: keep the loosest that passes
         settings = dataclasses.replace(best_ban, name_threshold=threshold)
         result = run(settings)
@@ -156,13 +179,17 @@ def caption_all(captioner: Captioner, encoded: list, options: CaptionOptions, gu
     return captions
 
 
-def unsaid_words(captioner: Captioner, guide: Guide, args, rows: list) -> tuple[str, ...]:
-    """Words the head is often sure of on training photos whose captions rarely say them."""
-    records = load_records(args.data, args.train_split)[: args.limit]
-    images, batch, chunks = [r.image for r in records], 16, []
+def encode_probs(captioner: Captioner, images: list[Path], batch: int = 16) -> torch.Tensor:
+    """(N, 1000) the head's probabilities for these photos."""
+    chunks = []
     for start in tqdm(range(0, len(images), batch), desc="train photos", leave=False):
         chunks.append(captioner.encode(captioner.pixel_values(images[start : start + batch])).concept_probs)
-    word_probs = guide.word_probabilities(torch.cat(chunks))
+    return torch.cat(chunks)
+
+
+def unsaid_words(guide: Guide, train_probs: torch.Tensor, records: list, args, rows: list) -> tuple[str, ...]:
+    """Words the head is often sure of on training photos whose captions rarely say them."""
+    word_probs = guide.word_probabilities(train_probs)
     unsaid = []
     for column, word in enumerate(guide.words):
         sure = (word_probs[:, column] >= args.sure).nonzero().flatten().tolist()
@@ -173,6 +200,37 @@ def unsaid_words(captioner: Captioner, guide: Guide, args, rows: list) -> tuple[
         if said / len(sure) < args.min_said:
             unsaid.append(word)
     return tuple(unsaid)
+
+
+def fitted_rules(
+    captioner: Captioner, train_probs, train_records: list, val_probs, val_records: list, args, rows: list
+) -> dict:
+    """subject_followers and the people rule, from the training captions (threshold on val)."""
+    table = captioner.concepts
+    captions = [c for r in train_records for c in r.captions]
+    followers = subject_followers(captions, set(PEOPLE_WORDS) | set(table.words))
+    classes = people_classes(train_probs, [shows_people(r.captions) for r in train_records])
+    classes |= named_people_classes(table)
+    val_people = [shows_people(r.captions) for r in val_records]
+    mass = no_people_mass(val_probs, classes)
+    threshold = no_people_threshold(mass, val_people, args.max_wrong_no_people)
+    fires = mass >= threshold if threshold else torch.zeros_like(mass, dtype=torch.bool)
+    wrong = sum(f and p for f, p in zip(fires.tolist(), val_people, strict=True))
+    rows.append(
+        {
+            "setting": "people rule",
+            "people_classes": int(classes.sum()),
+            "no_people_threshold": threshold,
+            "val_fires": int(fires.sum()),
+            "val_fires_on_people": wrong,
+        }
+    )
+    return {
+        "subject_followers": followers if args.placement == "start" else (),
+        "people_words": PEOPLE_WORDS,
+        "people_classes": tuple(w for w, c in zip(table.wnids, classes.tolist(), strict=True) if c),
+        "no_people_threshold": threshold,
+    }
 
 
 def ban_words(guide: Guide, word_probs, references, threshold, min_images, max_miss) -> tuple[str, ...]:

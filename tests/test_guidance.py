@@ -104,7 +104,17 @@ def test_prefix_and_constraint_tokens(guide):
 
 def test_settings_round_trip(tmp_path):
     settings = GuidanceSettings(
-        0.6, 0.2, ("dog",), "anywhere", 0.01, rewrite_ban_words=("man",), chosen_on="val"
+        0.6,
+        0.2,
+        ("dog",),
+        "anywhere",
+        0.01,
+        rewrite_ban_words=("man",),
+        subject_followers=("is",),
+        people_words=("girl",),
+        people_classes=("n04228054",),
+        no_people_threshold=0.8,
+        chosen_on="val",
     )
     settings.save(tmp_path)
     assert GuidanceSettings.load(tmp_path) == settings
@@ -189,3 +199,62 @@ def test_shipped_model_names_what_the_readme_photos_show():
     assert mentions(captions["chelsea.jpg"], ("cat",))
     assert mentions(captions["coffee.jpg"], ("coffee", "cup", "mug"))
     assert not any(mentions(c, ("dog", "puppy")) for c in captions.values())
+
+
+def test_captioner_keeps_ruled_out_tokens_off_the_named_subject(cat_model_dir):
+    """No token of `Guide.after_subject` directly follows the subject a rewrite forces. The tiny model
+    speaks bytes, not words, so its own favourite next tokens are ruled out here."""
+    captioner = Captioner.from_pretrained(cat_model_dir)
+    captioner.guide = Guide(TABLE, GuidanceSettings(0.5), captioner.loaded.tokenizer)
+    subject = len(captioner.guide.prefix("cat"))  # "a cat": the tokens every rewritten caption starts with
+    options, pictures = CaptionOptions(max_new_tokens=10), noise(3)
+
+    def next_tokens() -> set[int]:
+        return {r.candidates[0].tokens[subject] for r in captioner(pictures, options)}
+
+    following = next_tokens()
+    captioner.guide.after_subject = captioner.guide.after_subject | following
+    assert not next_tokens() & following
+
+
+def test_people_words_are_ruled_out_when_the_head_sees_no_people_class(guide):
+    ski = TABLE.wnids[TABLE.labels.index("ski")]
+    settings = dataclasses.replace(
+        guide.settings, people_words=("man", "girl"), people_classes=(ski,), no_people_threshold=0.8
+    )
+    strict = Guide(TABLE, settings, guide.tokenizer)
+    zebra_photo = probs(zebra=0.9)
+    ski_photo = zebra_photo.clone()
+    ski_photo[0, TABLE.labels.index("ski")], ski_photo[0, ZEBRA] = 0.5, 0.4
+    [zebra_plan, ski_plan] = strict.plans(torch.cat([zebra_photo, ski_photo]))
+    assert {"man", "girl"} <= set(zebra_plan.banned)  # 0.9 on classes never seen with people
+    assert not {"man", "girl"} & set(ski_plan.banned)  # only 0.4: skiers may be there
+    assert {"man", "girl"} <= set(strict.guarded(zebra_plan))  # a rewrite keeps the ban
+    off = Guide(TABLE, dataclasses.replace(settings, no_people_threshold=0.0), guide.tokenizer)
+    assert "man" not in off.plans(zebra_photo)[0].banned
+
+
+def test_subject_followers_are_all_a_forced_subject_may_take(guide):
+    followers = Guide(
+        TABLE, dataclasses.replace(guide.settings, subject_followers=("is", "in")), guide.tokenizer
+    )
+    allowed = set(range(len(guide.tokenizer))) - followers.after_subject
+    assert {guide.tokenizer.decode([i]) for i in allowed} == {" is", " in"}
+    assert guide.after_subject == guide.word_continuations  # off: only glue-on pieces are kept away
+
+
+def test_captioner_follows_a_forced_subject_with_a_subject_follower(cat_model_dir):
+    captioner = Captioner.from_pretrained(cat_model_dir)
+    tokenizer = captioner.loaded.tokenizer
+    # a word the tiny tokenizer keeps whole (its vocabulary is small)
+    word = next(
+        w
+        for w in ("is", "on", "in", "the")
+        if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1
+    )
+    captioner.guide = Guide(TABLE, GuidanceSettings(0.5, subject_followers=(word,)), tokenizer)
+    subject = len(captioner.guide.prefix("cat"))
+    [word_id] = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    results = captioner(noise(3), CaptionOptions(max_new_tokens=10))
+    assert all(r.candidates[0].tokens[subject] == word_id for r in results)
+    assert all(r.caption.startswith(f"A cat {word}") for r in results)

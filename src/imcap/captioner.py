@@ -200,7 +200,7 @@ class Captioner:
         if self.guide.settings.placement == "start":
             prefixes = [self.guide.prefix(plan.required[0]) for plan in plans]
             return self.engine.decode_prefixed(
-                hidden, config, prefixes, self.guide.word_continuations, self._bans(guarded)
+                hidden, config, prefixes, self.guide.after_subject, self._bans(guarded)
             )
         # constrained beam search takes one list of banned words per call: one call per list
         results: list[list[Decoded]] = [[] for _ in plans]

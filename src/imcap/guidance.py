@@ -15,6 +15,14 @@ chosen on Flickr8k val (`scripts/choose_guidance.py`) and saved with the model (
 - **rule out**: a word of `ban_words` (words the head recognises reliably, "dog" above all: Flickr8k's
   favourite subject, said of kitchens and zebras) is banned from an image's caption when its probability
   is below `ban_threshold`; a rewritten caption also may not name a concept below `guard_threshold`.
+- **no people where the head sees none**: the head has no class for a person, so `people_words` are
+  banned when the classes never seen with people on the training photos (`people_classes`: all but ski,
+  swing, mountain bike...) hold at least `no_people_threshold` of the probability.
+- **the named thing stays the subject**: with placement "start", the word after "a zebra" must be one
+  that captions put after their subject (`subject_followers`: "is", "in", "with", "running"...), not
+  "man" ("a zebra man is sitting on a tree").
+
+imcap.guidance_fit fits the word lists and the people threshold to the training captions.
 """
 
 from __future__ import annotations
@@ -53,6 +61,17 @@ class GuidanceSettings:
     # words a rewritten caption may never use: the head has no class for people, and after a forced subject
     # the decoder tends to add Flickr8k's people ("a carbonara is playing with a little girl")
     rewrite_ban_words: tuple[str, ...] = ()
+    # with placement "start": the only words that may follow the forced subject ("a zebra is ...", "a zebra
+    # in ..."), those people's captions put after theirs (`subject_followers`); without it the decoder
+    # makes the named thing a modifier ("a zebra old man is sitting on a tree"). Empty: off
+    subject_followers: tuple[str, ...] = ()
+    # the head has no class for people, so Flickr8k's habit of putting people in every photo goes
+    # unchecked: `people_words` are ruled out of an image's caption when the head gives at least
+    # `no_people_threshold` of its probability to classes other than `people_classes` (the ImageNet ids
+    # of classes the training photos show with people: ski, swing, mountain bike; imcap.guidance_fit)
+    people_words: tuple[str, ...] = ()
+    people_classes: tuple[str, ...] = ()
+    no_people_threshold: float = 0.0  # 0: off
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
     def __post_init__(self):
@@ -67,7 +86,15 @@ class GuidanceSettings:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
-        lists = {key: tuple(raw.get(key, ())) for key in ("ban_words", "unsaid_words", "rewrite_ban_words")}
+        keys = (
+            "ban_words",
+            "unsaid_words",
+            "rewrite_ban_words",
+            "subject_followers",
+            "people_words",
+            "people_classes",
+        )
+        lists = {key: tuple(raw.get(key, ())) for key in keys}
         return cls(**{**raw, **lists})
 
     def save(self, folder: str | Path) -> None:
@@ -101,8 +128,15 @@ class Guide:
         for word, synonyms in zip(table.words, table.synonyms, strict=True):
             compatible[word].update(synonyms)
         self._compatible = {w: tuple(sorted(s)) for w, s in compatible.items()}
+        self._people_classes = torch.zeros(len(table), dtype=torch.bool)  # (1000,) True: seen with people
+        self._people_classes[[table.wnids.index(w) for w in settings.people_classes]] = True
         # tokens that would glue onto a forced word (" zebra" -> " zebrack"): the search keeps them off it
         self.word_continuations = word_continuations(tokenizer)
+        # after a forced subject (placement "start"), also every token that is no subject follower
+        self.after_subject = self.word_continuations
+        if settings.subject_followers:
+            allowed = self._one_token_words(settings.subject_followers)
+            self.after_subject = self.after_subject | (frozenset(range(len(tokenizer))) - allowed)
 
     @functools.cached_property
     def _one_token_names(self) -> set[str]:
@@ -127,14 +161,24 @@ class Guide:
     def plans(self, concept_probs: torch.Tensor) -> list[Plan]:
         """The first pass's plan per image: which words are ruled out."""
         word_probs = self.word_probabilities(concept_probs)
+        no_people = self.no_people(concept_probs).tolist()
         plans = []
-        for row in word_probs.tolist():
+        for row, people_unlikely in zip(word_probs.tolist(), no_people, strict=True):
             probs = dict(zip(self.words, row, strict=True))
             banned = tuple(
                 w for w in self.settings.ban_words if probs.get(w, 1.0) < self.settings.ban_threshold
             )
+            if people_unlikely:
+                banned += self.settings.people_words
             plans.append(Plan(banned=banned, word_probs=probs))
         return plans
+
+    def no_people(self, concept_probs: torch.Tensor) -> torch.Tensor:
+        """(B,) True where people words are ruled out: the classes never seen with people hold at least
+        `no_people_threshold` of the probability (never, when the threshold is 0)."""
+        threshold = self.settings.no_people_threshold
+        mass = no_people_mass(concept_probs, self._people_classes)
+        return mass >= threshold if threshold > 0 else torch.zeros_like(mass, dtype=torch.bool)
 
     def missing_word(self, plan: Plan, caption: str) -> str | None:
         """The most probable word over `name_threshold` that the caption does not name, if any (words
@@ -178,6 +222,11 @@ class Guide:
     def bad_words_ids(self, words: Sequence[str]) -> list[list[int]]:
         return [list(ids) for word in words for form in word_forms(word) if (ids := self._ids(form))]
 
+    def _one_token_words(self, words: Sequence[str]) -> frozenset[int]:
+        """The tokens of these words said after a space, for those the tokenizer keeps whole (a split
+        word's first piece may be another word: " crowd"+"s")."""
+        return frozenset(ids[0] for ids in map(self._ids, words) if len(ids) == 1)
+
     def _ids(self, text: str) -> tuple[int, ...]:
         # memoised: the guard asks for hundreds of names per rewritten caption, always the same ones
         ids = self._token_ids.get(text)
@@ -186,3 +235,8 @@ class Guide:
                 self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
             )
         return ids
+
+
+def no_people_mass(concept_probs: torch.Tensor, people_classes: torch.Tensor) -> torch.Tensor:
+    """(B,) the probability the head gives to classes outside `people_classes` (a (1000,) bool mask)."""
+    return concept_probs.float()[:, ~people_classes.to(concept_probs.device)].sum(dim=-1)

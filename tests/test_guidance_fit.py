@@ -1,0 +1,62 @@
+"""Fitting guidance to a caption corpus: subject followers, the classes seen with people, the threshold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imcap.concepts import load_concept_table
+from imcap.guidance_fit import (
+    named_people_classes,
+    no_people_threshold,
+    people_classes,
+    shows_people,
+    subject_followers,
+)
+
+
+def test_subject_followers_are_the_words_after_the_first_subject():
+    captions = [
+        "A black dog is running.",
+        "Two dogs are playing in the snow.",
+        "A man in a red shirt rides a bike.",
+        "A man is sitting on a bench.",
+        "A dog man stands.",  # a noun after the subject is not a follower
+        "The sun sets over the hills.",  # no subject in its first words
+    ]
+    followers = subject_followers(captions, {"dog", "man", "bike"}, min_share=0.0)
+    assert followers == ("is", "are", "in")  # most frequent first: "is" twice
+    assert subject_followers(captions, {"dog", "man"}, min_share=0.3) == ("is",)
+
+
+def test_shows_people_needs_most_references():
+    assert shows_people(["A man runs.", "Two girls play.", "A dog."])
+    assert not shows_people(["A man runs.", "A dog runs.", "A dog."])
+
+
+def test_people_classes_are_top_classes_of_photos_with_people():
+    probs = torch.zeros(6, 1000)
+    probs[0:3, 5] = 0.9  # class 5: top on three photos, two with people
+    probs[3:5, 7] = 0.9  # class 7: top on two photos, none with people
+    probs[5, 9] = 0.2  # class 9: top once with people, but not sure enough
+    with_people = [True, True, False, False, False, True]
+    classes = people_classes(probs, with_people, sure=0.3, max_share=0.5)
+    assert classes.nonzero().flatten().tolist() == [5]
+    assert people_classes(probs, with_people, sure=0.1, max_share=0.5).nonzero().flatten().tolist() == [5, 9]
+
+
+def test_named_people_classes_are_the_people_of_imagenet():
+    table = load_concept_table()
+    people = {table.labels[i] for i in named_people_classes(table).nonzero().flatten().tolist()}
+    assert people == {"ballplayer", "groom", "scuba diver"}
+
+
+@pytest.mark.parametrize(
+    ("max_wrong", "expected"),
+    [(0.5, 0.5), (0.25, 0.8), (0.0, 0.9), (-1.0, 0.0)],  # -1: nothing passes, the rule stays off
+)
+def test_no_people_threshold_is_the_lowest_that_rarely_fires_on_people(max_wrong, expected):
+    mass = torch.tensor([0.95, 0.85, 0.85, 0.85, 0.75, 0.55, 0.55])
+    with_people = [False, False, False, True, True, True, False]
+    # fires at 0.5: 7 photos, 3 with people; at 0.6 and 0.7: 5, 2; at 0.8: 4, 1; at 0.9: 1, none
+    assert no_people_threshold(mass, with_people, max_wrong) == expected
