@@ -232,6 +232,8 @@ def test_people_words_are_ruled_out_when_the_head_sees_no_people_class(guide):
     assert {"man", "girl"} <= set(strict.guarded(zebra_plan))  # a rewrite keeps the ban
     off = Guide(TABLE, dataclasses.replace(settings, no_people_threshold=0.0), guide.tokenizer)
     assert "man" not in off.plans(zebra_photo)[0].banned
+    with pytest.raises(ValueError, match=r"people_classes \['n00000000'\] are not classes"):
+        Guide(TABLE, dataclasses.replace(settings, people_classes=("n00000000",)), guide.tokenizer)
 
 
 def test_subject_followers_are_all_a_forced_subject_may_take(guide):

@@ -129,6 +129,9 @@ class Guide:
             compatible[word].update(synonyms)
         self._compatible = {w: tuple(sorted(s)) for w, s in compatible.items()}
         self._people_classes = torch.zeros(len(table), dtype=torch.bool)  # (1000,) True: seen with people
+        unknown = sorted(set(settings.people_classes) - set(table.wnids))
+        if unknown:
+            raise ValueError(f"guidance.json: people_classes {unknown[:3]} are not classes of {table.name}")
         self._people_classes[[table.wnids.index(w) for w in settings.people_classes]] = True
         # tokens that would glue onto a forced word (" zebra" -> " zebrack"): the search keeps them off it
         self.word_continuations = word_continuations(tokenizer)
