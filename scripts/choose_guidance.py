@@ -112,9 +112,8 @@ def main() -> None:
     floor = {}
 
     def hold_to(result: dict) -> None:  # later settings may lose at most the tolerances against `result`
-        floor.update(
-            CIDEr=result["CIDEr"] - args.tolerance, **{"BLEU-4": result["BLEU-4"] - args.bleu_tolerance}
-        )
+        floor["CIDEr"] = result["CIDEr"] - args.tolerance
+        floor["BLEU-4"] = result["BLEU-4"] - args.bleu_tolerance
 
     hold_to(unguided)
 
@@ -226,7 +225,7 @@ def fitted_rules(
     val_people = [shows_people(r.captions) for r in val_records]
     mass = no_people_mass(val_probs, classes)
     threshold = no_people_threshold(mass, val_people, args.max_wrong_no_people)
-    fires = mass >= threshold if threshold else torch.zeros_like(mass, dtype=torch.bool)
+    fires = (mass >= threshold) & (threshold > 0)  # 0: the rule stays off
     wrong = sum(f and p for f, p in zip(fires.tolist(), val_people, strict=True))
     rows.append(
         {

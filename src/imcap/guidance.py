@@ -180,8 +180,9 @@ class Guide:
         """(B,) True where people words are ruled out: the classes never seen with people hold at least
         `no_people_threshold` of the probability (never, when the threshold is 0)."""
         threshold = self.settings.no_people_threshold
-        mass = no_people_mass(concept_probs, self._people_classes)
-        return mass >= threshold if threshold > 0 else torch.zeros_like(mass, dtype=torch.bool)
+        if threshold <= 0:  # off: every caption pays for this call, so skip the mass
+            return torch.zeros(concept_probs.shape[0], dtype=torch.bool)
+        return no_people_mass(concept_probs, self._people_classes) >= threshold
 
     def missing_word(self, plan: Plan, caption: str) -> str | None:
         """The most probable word over `name_threshold` that the caption does not name, if any (words

@@ -20,7 +20,8 @@ import torch
 from imcap.concepts import mentions, tokens, word_forms
 
 # words for a person, as captions say them (their plurals count too, see word_forms); collective nouns
-# ("crowd", "group") are left out: "a crowd of" makes "of" look like a word that follows subjects
+# ("crowd", "group") are left out: "a crowd of" makes "of" look like a word that follows subjects.
+# benchmarks/bench_naming.py keeps its own list on purpose: the measure should not move with the rule
 PEOPLE_WORDS = (
     "man", "woman", "person", "people", "boy", "girl", "child", "kid", "lady", "guy", "player", "baby",
     "toddler", "skier", "snowboarder", "surfer", "swimmer", "biker", "climber", "rider", "skateboarder",
@@ -86,9 +87,9 @@ def no_people_threshold(
     """The lowest candidate threshold on the no-people mass (imcap.guidance.no_people_mass) at which at
     most `max_wrong` of the photos it rules people out of show people (by their references); 0 (off) when
     none does."""
-    people = torch.tensor(with_people, dtype=torch.bool)
+    people, mass = torch.tensor(with_people, dtype=torch.bool), mass.cpu()
     for threshold in sorted(candidates):
-        fires = mass.cpu() >= threshold
+        fires = mass >= threshold
         if fires.any() and float((fires & people).sum()) <= max_wrong * float(fires.sum()):
             return threshold
     return 0.0
