@@ -22,7 +22,9 @@ Fitted before the naming sweep, from the training captions (imcap.guidance_fit),
 `subject_followers` (with placement start: the words allowed right after a forced subject), and the
 people rule: `people_classes` (classes the training photos show with people) and `no_people_threshold`,
 the lowest of its grid at which at most `--max-wrong-no-people` of the val photos it fires on have people
-in their references.
+in their references. The words that rule bans are `corpus_people_words`: a hand-made seed plus every word
+the training captions use as a noun for a person by WordNet ("hiker", "spectator"), so WordNet 3.0 must
+be installed (Debian `wordnet-base`).
 
 `--placement` (start: the concept as the caption's subject; anywhere: constrained beam search places it)
 is a design choice, not searched here: benchmarks/bench_naming.py compares the two.
@@ -48,6 +50,7 @@ from imcap.generation import CaptionOptions
 from imcap.guidance import GuidanceSettings, Guide, no_people_mass
 from imcap.guidance_fit import (
     PEOPLE_WORDS,
+    corpus_people_words,
     named_people_classes,
     no_people_threshold,
     people_classes,
@@ -55,6 +58,7 @@ from imcap.guidance_fit import (
     subject_followers,
 )
 from imcap.metrics import score_captions
+from imcap.wordnet import read_noun_synsets
 
 NAME_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BAN_GRID = (0.01, 0.03, 0.1, 0.2, 0.3)
@@ -220,6 +224,10 @@ def fitted_rules(
     table = captioner.concepts
     captions = [c for r in train_records for c in r.captions]
     followers = subject_followers(captions, set(PEOPLE_WORDS) | set(table.words))
+    class_names = {name for names in table.synonyms for name in names} | set(table.words)
+    people_words = corpus_people_words(
+        [r.captions for r in train_records], read_noun_synsets(), followers, class_names
+    )
     classes = people_classes(train_probs, [shows_people(r.captions) for r in train_records])
     classes |= named_people_classes(table)
     val_people = [shows_people(r.captions) for r in val_records]
@@ -230,6 +238,7 @@ def fitted_rules(
     rows.append(
         {
             "setting": "people rule",
+            "people_words": len(people_words),
             "people_classes": int(classes.sum()),
             "no_people_threshold": threshold,
             "val_fires": int(fires.sum()),
@@ -238,7 +247,7 @@ def fitted_rules(
     )
     return {
         "subject_followers": followers if args.placement == "start" else (),
-        "people_words": PEOPLE_WORDS,
+        "people_words": people_words,
         "people_classes": tuple(w for w, c in zip(table.wnids, classes.tolist(), strict=True) if c),
         "no_people_threshold": threshold,
     }

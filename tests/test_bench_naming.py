@@ -69,12 +69,15 @@ def test_people_are_counted_on_classes_that_are_not_people(bench):
         bench.score(carbonara, "A carbonara is playing with a little girl.", ["carbonara"], False),
         bench.score(carbonara, "Two men and a plate of carbonara.", ["carbonara"], False),
         bench.score(carbonara, "A carbonara on a table.", ["carbonara"], False),
+        bench.score(carbonara, "Two hikers eat carbonara.", ["carbonara"], False),
         bench.score(groom, "A man in a suit.", ["groom", "man"], False, person_class=True),
     ]
-    assert [row.says_person for row in rows] == [True, True, False, True]
+    assert [row.says_person for row in rows] == [True, True, False, False, True]
+    assert [row.says_person_wide for row in rows] == [True, True, False, True, True]  # hikers too
     summary = bench.summarize(rows)
-    assert (summary["people_on_non_person"], summary["non_person_classes"]) == (2, 3)
-    assert summary["people_on_non_person_share"] == pytest.approx(2 / 3)
+    assert (summary["people_on_non_person"], summary["non_person_classes"]) == (2, 4)
+    assert summary["people_on_non_person_share"] == pytest.approx(2 / 4)
+    assert summary["people_wide_on_non_person_share"] == pytest.approx(3 / 4)
 
 
 @needs_wordnet
@@ -84,7 +87,7 @@ def test_main_captions_a_few_photos_with_the_shipped_model(bench, tmp_path, caps
     assert bench.main(["--data", str(IMAGENET_SAMPLE), "--limit", "5", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "named: " in printed and "dog on non-dog: " in printed and "generic (not counted" in printed
-    assert "people on non-person classes: " in printed
+    assert "people on non-person classes: " in printed and "wider word list: " in printed
     result = json.loads(out.read_text())
     assert [row["index"] for row in result["rows"]] == [0, 1, 2, 3, 4]
     assert all(row["caption"] for row in result["rows"]) and result["options"]["guide"] is True

@@ -60,3 +60,34 @@ def test_no_people_threshold_is_the_lowest_that_rarely_fires_on_people(max_wrong
     with_people = [False, False, False, True, True, True, False]
     # fires at 0.5: 7 photos, 3 with people; at 0.6 and 0.7: 5, 2; at 0.8: 4, 1; at 0.9: 1, none
     assert no_people_threshold(mass, with_people, max_wrong) == expected
+
+
+def test_corpus_people_words_are_person_nouns_the_captions_use_for_people():
+    from imcap.guidance_fit import corpus_people_words
+    from imcap.wordnet import read_noun_synsets
+
+    try:
+        wordnet = read_noun_synsets()
+    except FileNotFoundError:
+        pytest.skip("WordNet 3.0 is not installed (Debian wordnet-base)")
+    photos = [
+        ["Two hikers are walking up a hill.", "A man and a woman walk.", "A man hiking in the mountains."],
+        ["A hiker is resting on a rock.", "A woman sits on a rock.", "A person on a rock."],
+        ["A white dog is running.", "A dog runs.", "A white and brown dog runs."],  # white: an adjective
+        ["A white man is running.", "A man runs.", "A man in white runs."],
+        ["A german shepherd is running.", "A dog runs.", "A german shepherd dog runs."],  # no people
+        ["A monitor is on the desk.", "A man looks at a monitor.", "A woman at a computer monitor."],
+    ]
+    followers = ("is", "are", "in", "on", "runs", "sits")
+    words = corpus_people_words(photos, wordnet, followers, min_photos=2, seed=("man", "woman", "person"))
+    assert words[:3] == ("man", "woman", "person")  # the seed first
+    assert "hiker" in words  # "hikers" and "hiker": a person in WordNet, said as a noun of people's photos
+    assert "white" not in words  # WordNet's first sense is a person, but captions use it as an adjective
+    assert "german" not in words and "shepherd" not in words  # said of photos without people
+    # a word in fewer than min_photos photos stays out; so does one that names an ImageNet class
+    assert "monitor" not in words
+    twice, seed = photos * 2, ("man", "woman")
+    assert "monitor" in corpus_people_words(twice, wordnet, followers, min_photos=2, seed=seed)
+    assert "monitor" not in corpus_people_words(
+        twice, wordnet, followers, class_names={"monitor"}, min_photos=2, seed=seed
+    )

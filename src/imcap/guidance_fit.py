@@ -7,7 +7,10 @@ captions, what the rules need that the concept table cannot say:
   only ones allowed after a subject guidance forces, so that it stays the subject;
 - `people_classes`: the ImageNet classes the training photos show with people (ski, swing, mountain bike),
   and `no_people_threshold`, chosen on val: above it, the head's probability on every other class rules
-  people words out of the caption.
+  people words out of the caption;
+- `corpus_people_words`: which words that rule bans: beyond the hand list below, every word the captions
+  use as a noun for a person (WordNet says "hiker", "cyclist", "spectator" are people; the captions
+  say which of WordNet's thousands of person nouns come up, and as nouns: "white" is a person in WordNet).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from collections.abc import Collection, Iterable, Sequence
 import torch
 
 from imcap.concepts import mentions, tokens, word_forms
+from imcap.wordnet import WordNet
+
+PERSON = "n00007846"  # WordNet's person, individual, someone, somebody, mortal, soul
 
 # words for a person, as captions say them (their plurals count too, see word_forms); collective nouns
 # ("crowd", "group") are left out: "a crowd of" makes "of" look like a word that follows subjects.
@@ -93,3 +99,72 @@ def no_people_threshold(
         if fires.any() and float((fires & people).sum()) <= max_wrong * float(fires.sum()):
             return threshold
     return 0.0
+
+
+def corpus_people_words(
+    captions_per_photo: Sequence[Sequence[str]],
+    wordnet: WordNet,
+    followers: Collection[str],
+    class_names: Collection[str] = (),
+    seed: Sequence[str] = PEOPLE_WORDS,
+    min_photos: int = 5,
+    min_noun_use: float = 0.4,
+    min_people_share: float = 0.7,
+) -> tuple[str, ...]:
+    """`seed` and the words the captions use for people, most frequent first: a caption word is one when
+    - WordNet's most frequent noun sense of it (or of its singular: "hikers") is a kind of person;
+    - at least `min_noun_use` of its uses are as a noun: followed by one of `followers` (subject_followers:
+      "is", "in", "with", ...) or ending the caption; "white", "asian", "blond" are mostly adjectives;
+    - at least `min_people_share` of the `min_photos` or more photos whose captions say it show people
+      (shows_people with `seed`): "german" shepherds, "boxer" dogs and "tiger" are kept out that way;
+    - it is none of `class_names` (the concept table's names): "monitor" or "pitcher" is the head's to judge,
+      and a word the rule bans must never be one guidance puts in.
+    Singular forms are returned; the ban covers plurals (word_forms)."""
+    photo_counts: Counter[str] = Counter()
+    people_counts: Counter[str] = Counter()
+    uses: Counter[str] = Counter()
+    noun_uses: Counter[str] = Counter()
+    singulars: dict[str, str | None] = {}
+    for captions in captions_per_photo:
+        in_photo = set()
+        for caption in captions:
+            words = tokens(caption)
+            for i, word in enumerate(words):
+                if word not in singulars:
+                    singulars[word] = _person_noun(word, wordnet)
+                lemma = singulars[word]
+                if lemma is None:
+                    continue
+                in_photo.add(lemma)
+                uses[lemma] += 1
+                noun_uses[lemma] += i + 1 == len(words) or words[i + 1] in followers
+        photo_counts.update(in_photo)
+        if shows_people(captions, seed):
+            people_counts.update(in_photo)
+    found = [
+        lemma
+        for lemma, photos in photo_counts.most_common()
+        if photos >= min_photos
+        and lemma not in class_names
+        and noun_uses[lemma] >= min_noun_use * uses[lemma]
+        and people_counts[lemma] >= min_people_share * photos
+    ]
+    return tuple(dict.fromkeys([*seed, *found]))
+
+
+def _person_noun(word: str, wordnet: WordNet) -> str | None:
+    """The singular of `word` when WordNet's first noun sense of it is a person ("hikers" -> "hiker")."""
+    person = wordnet.synset(PERSON)
+    for lemma in _singulars(word):
+        senses = wordnet.senses(lemma)
+        if senses and word in word_forms(lemma) and wordnet.is_under(senses[0], person):
+            return lemma
+    return None
+
+
+def _singulars(word: str) -> list[str]:
+    """Candidate singulars, the word itself first: word_forms then says which one really pluralises to it."""
+    candidates = [word, word[:-1], word[:-2], word[:-3] + "y"]
+    if word.endswith("men"):
+        candidates.append(word[:-3] + "man")
+    return [c for c in candidates if c]
