@@ -120,6 +120,32 @@ def test_folded_encoder_matches_the_original(seeing):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.encoder.modules())  # untouched
 
 
+def test_padding_moved_into_the_convolutions_gives_the_same_numbers(seeing, monkeypatch):
+    """The fast encoder pads inside its symmetric convolutions instead of copying each map first: the
+    same zeros in the same places, so the visual tokens and concept probabilities are bit-identical."""
+    from imcap import engine as engine_module
+
+    loaded, pixels = seeing
+    moved = Engine(loaded.model)
+    monkeypatch.setattr(engine_module, "_pad_in_convolutions", lambda encoder: None)
+    padded = Engine(loaded.model)
+
+    def pads(engine):
+        return sum(isinstance(m, torch.nn.ZeroPad2d) for m in engine.encoder.modules())
+
+    assert 0 < pads(moved) < pads(padded)  # the asymmetric stride-2 paddings stay modules
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as the pipeline's workers run it
+    try:
+        a, b = moved.encode_with_concepts(pixels), padded.encode_with_concepts(pixels)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a.hidden, b.hidden)
+    assert (a.concept_probs is None) == (b.concept_probs is None)
+    if a.concept_probs is not None:
+        assert torch.equal(a.concept_probs, b.concept_probs)
+
+
 def test_shipped_model_captions_equal_plain_generate_on_the_examples():
     photos = sorted(EXAMPLES.glob("*.jpg"))
     fast = Captioner.from_pretrained()

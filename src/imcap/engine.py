@@ -559,7 +559,20 @@ def _fast_encoder(encoder: nn.Module) -> nn.Module:
         concept_tail.conv_head = _fold(concept_tail.conv_head, concept_tail.norm)
         concept_tail.norm = nn.Identity()
         _fold_blocks(concept_tail.blocks)
+    _pad_in_convolutions(fast)
     return fast.to(memory_format=torch.channels_last)
+
+
+def _pad_in_convolutions(encoder: nn.Module) -> None:
+    """TF-"same" convolutions pad with a ZeroPad2d module before the convolution, a copy of every feature
+    map; where that padding is symmetric (every stride-1 depthwise convolution), the convolution's own
+    zero padding computes the same numbers without the copy (~4% of the encoder's time on one thread)."""
+    for conv in encoder.modules():
+        pad = getattr(conv, "static_padding", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom and conv.padding == (0, 0):
+                conv.padding, conv.static_padding = (top, left), nn.Identity()
 
 
 def _fold_blocks(blocks: nn.ModuleList) -> None:
