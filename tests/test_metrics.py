@@ -29,6 +29,7 @@ from imcap.metrics import (
     METRIC_NAMES,
     CiderD,
     MetricsError,
+    SentenceBleu4,
     corpus_stats,
     score_captions,
     simple_tokenize,
@@ -254,6 +255,23 @@ def test_ciderd_reference_beats_random_and_handles_empty() -> None:
     # Same caption, punctuation and capitals: simple_tokenize makes it identical.
     again = cider.scores(["A dog runs across the green grass."], ["img1"])
     assert again[0] == pytest.approx(scores[0])
+
+
+def test_sentence_bleu4_is_pycocoevalcaps_per_image_bleu4() -> None:
+    candidates = ["a dog running on the grass", "a cat on a couch", "a man riding a bike", "people"]
+    gts = {i: [simple_tokenize(r) for r in REFS[i]] for i in REFS}
+    res = {i: [c] for i, c in zip(REFS, candidates, strict=True)}
+    _, per_order = Bleu(4).compute_score(gts, res, verbose=0)
+    ours = SentenceBleu4(REFS).scores(candidates, list(REFS))
+    np.testing.assert_allclose(ours, per_order[3], rtol=0, atol=1e-9)
+
+
+def test_sentence_bleu4_ranks_a_reference_first_and_scores_empty_zero() -> None:
+    bleu = SentenceBleu4(REFS)
+    scores = bleu.scores([REFS["img1"][0], "purple elephants juggling teacups", ""], ["img1"] * 3)
+    assert scores[0] == pytest.approx(1.0) and scores[1] < 1e-3 and scores[2] == 0.0
+    with pytest.raises(MetricsError, match="not in the reference corpus"):
+        bleu.scores(["a dog"], ["nope"])
 
 
 def test_ciderd_rejects_unknown_image_and_empty_corpus() -> None:

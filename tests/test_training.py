@@ -205,3 +205,30 @@ def test_scst_tail_needs_the_concept_heads_own_copy(data, tmp_path):
     raw["scst"]["finetune_tail"] = True
     with pytest.raises(ValueError, match="frozen tail"):
         TrainConfig.from_dict(raw)
+
+
+def test_scst_reward_adds_the_weighted_sentence_bleu4():
+    from types import SimpleNamespace
+
+    from imcap.metrics import CiderD, SentenceBleu4
+
+    refs = {"a": ["a dog runs on the grass", "a brown dog running in a field"], "b": ["two men play soccer"]}
+    texts, ids = ["a dog runs on the grass", "a cat sits", "two men play soccer"], ["a", "a", "b"]
+    cider, bleu = CiderD(refs).scores(texts, ids), SentenceBleu4(refs).scores(texts, ids)
+    assert bleu.max() > 0.5  # the term is not zero on these captions, so the test can tell the two apart
+
+    def run(weight):
+        return SimpleNamespace(
+            train_refs=refs,
+            cider=None,
+            bleu=None,
+            config=TrainConfig.from_dict({"scst": {"bleu4_weight": weight}}),
+        )
+
+    torch.testing.assert_close(loop._rewards(run(0.0), texts, ids), cider)
+    torch.testing.assert_close(loop._rewards(run(2.0), texts, ids), cider + 2.0 * bleu)
+
+
+def test_scst_bleu4_weight_must_not_be_negative():
+    with pytest.raises(ValueError, match="bleu4_weight"):
+        TrainConfig.from_dict({"scst": {"bleu4_weight": -1.0}})

@@ -307,3 +307,34 @@ class CiderD:
                     val /= norm[order] * norm_ref[order]
                 total += val * penalty
         return total / _CIDER_N / len(refs) * 10.0
+
+
+class SentenceBleu4:
+    """Per-caption BLEU-4 against each image's references: pycocoevalcap's BleuScorer at sentence level
+    (its per-image list; closest reference length for the brevity penalty). An SCST reward term beside
+    CIDEr-D: BLEU rewards exact 4-gram matches and penalises short captions, which CIDEr-D's tf-idf
+    weighting and length Gaussian count differently. Captions are tokenised with `simple_tokenize`."""
+
+    def __init__(self, references: Mapping[str, Sequence[str]]) -> None:
+        if not references:
+            raise MetricsError("SentenceBleu4 needs a non-empty reference corpus")
+        self._refs = {image_id: [simple_tokenize(r) for r in refs] for image_id, refs in references.items()}
+
+    def scores(self, candidates: Sequence[str], image_ids: Sequence[str]) -> np.ndarray:
+        """BLEU-4 of each candidate against its image's references; an empty caption scores 0."""
+        from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+        if len(candidates) != len(image_ids):
+            raise MetricsError(f"SentenceBleu4: {len(candidates)} candidates but {len(image_ids)} image ids")
+        out = np.zeros(len(candidates), dtype=np.float64)
+        scored = [k for k, caption in enumerate(candidates) if simple_tokenize(caption)]
+        if not scored:
+            return out
+        scorer = BleuScorer(n=4)
+        for k in scored:
+            if image_ids[k] not in self._refs:
+                raise MetricsError(f"SentenceBleu4: image id {image_ids[k]!r} is not in the reference corpus")
+            scorer += (simple_tokenize(candidates[k]), self._refs[image_ids[k]])
+        _, per_sentence = scorer.compute_score(option="closest", verbose=0)
+        out[scored] = per_sentence[3]
+        return out

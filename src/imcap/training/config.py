@@ -112,6 +112,8 @@ class ScstConfig:
     # the CNN tail keeps training in these epochs too (at optim.tail_lr_scale times scst.lr): the rewards
     # then shape the visual features, not only the decoder
     finetune_tail: bool = False
+    # reward = CIDEr-D + bleu4_weight x the sample's sentence BLEU-4 (imcap.metrics.SentenceBleu4); 0: CIDEr-D
+    bleu4_weight: float = 0.0
 
 
 @dataclass
@@ -148,6 +150,8 @@ class TrainConfig:
             raise ValueError(f"{where}: model.concept_tail needs model.concept_head")
         if self.model.concept_tokens < 0 or not 0 <= self.model.concept_dropout < 1:
             raise ValueError(f"{where}: model.concept_tokens must be >= 0 and concept_dropout in [0, 1)")
+        if self.scst.bleu4_weight < 0:
+            raise ValueError(f"{where}: scst.bleu4_weight must be >= 0, got {self.scst.bleu4_weight}")
         if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
             raise ValueError(f"{where}: time_budget_minutes must be > 0, got {self.time_budget_minutes}")
         return self

@@ -101,6 +101,7 @@ class Run:
     clock: Clock
     train_maps: torch.Tensor | None = None  # front.precompute(train_features) while the tail is frozen
     cider: object | None = None  # the SCST reward (imcap.metrics.CiderD), built on first use
+    bleu: object | None = None  # its BLEU-4 term when scst.bleu4_weight > 0 (imcap.metrics.SentenceBleu4)
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
@@ -262,12 +263,9 @@ def _xe_epoch(
 
 
 def _scst_epoch(run: Run, step_module, optimizer, generator, tail_trains: bool, epoch: int, step: int):
-    """Self-critical epoch: sample captions, reward them with CIDEr-D, raise the better ones."""
-    from imcap.metrics import CiderD  # training-only dependency
-
+    """Self-critical epoch: sample captions, reward them with CIDEr-D (plus scst.bleu4_weight x BLEU-4),
+    raise the better ones."""
     config, model, tok, process = run.config.scst, run.model, run.tokenizer, run.process
-    if run.cider is None:  # corpus document frequencies: computed once, shared by every SCST epoch
-        run.cider = CiderD(run.train_refs)
     names = list(run.train_refs)
     model.eval()  # no dropout: the sampled policy and the trained policy must be the same
     rows, rewards_seen, started = [], [], time.time()
@@ -293,7 +291,7 @@ def _scst_epoch(run: Run, step_module, optimizer, generator, tail_trains: bool, 
         samples = sample_mask_after_eos(samples, tok.eos_token_id, tok.pad_token_id)
         texts = [format_caption(t) for t in tok.batch_decode(samples, skip_special_tokens=True)]
         ids = [names[i] for i in index.tolist() for _ in range(config.samples)]
-        rewards = torch.tensor(run.cider.scores(texts, ids), dtype=torch.float32, device=process.device)
+        rewards = torch.tensor(_rewards(run, texts, ids), dtype=torch.float32, device=process.device)
         mask = caption_mask(samples, tok.eos_token_id)
         logits = step_module(features, samples, mask, config.samples, tail_trains)
         per_sample = scst_loss(logits, samples, mask, rewards, config.samples)
@@ -308,6 +306,22 @@ def _scst_epoch(run: Run, step_module, optimizer, generator, tail_trains: bool, 
         if run.clock.used_up:
             break
     return rows
+
+
+def _rewards(run: Run, texts: list[str], image_ids: list[str]) -> np.ndarray:
+    """Each sample's SCST reward: CIDEr-D with the training corpus's document frequencies, plus
+    scst.bleu4_weight times its sentence BLEU-4. The scorers are built once and shared by every epoch."""
+    from imcap.metrics import CiderD, SentenceBleu4  # training-only dependency
+
+    if run.cider is None:
+        run.cider = CiderD(run.train_refs)
+    rewards = run.cider.scores(texts, image_ids)
+    weight = run.config.scst.bleu4_weight
+    if weight:
+        if run.bleu is None:
+            run.bleu = SentenceBleu4(run.train_refs)
+        rewards = rewards + weight * run.bleu.scores(texts, image_ids)
+    return rewards
 
 
 def _step_row(
