@@ -120,20 +120,27 @@ def test_folded_encoder_matches_the_original(seeing):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.encoder.modules())  # untouched
 
 
-def test_padding_moved_into_the_convolutions_gives_the_same_numbers(seeing, monkeypatch):
-    """The fast encoder pads inside its symmetric convolutions instead of copying each map first: the
-    same zeros in the same places, so the visual tokens and concept probabilities are bit-identical."""
+def test_padding_and_activations_in_place_give_the_same_numbers(seeing, monkeypatch):
+    """The fast encoder pads inside its symmetric convolutions instead of copying each map first (the
+    same zeros in the same places) and runs its ReLU6 in place on the convolutions' fresh outputs, so the
+    visual tokens and concept probabilities are bit-identical to the folded encoder without either."""
     from imcap import engine as engine_module
 
     loaded, pixels = seeing
     moved = Engine(loaded.model)
     monkeypatch.setattr(engine_module, "_pad_in_convolutions", lambda encoder: None)
+    monkeypatch.setattr(engine_module, "_activations_in_place", lambda encoder: None)
     padded = Engine(loaded.model)
 
     def pads(engine):
         return sum(isinstance(m, torch.nn.ZeroPad2d) for m in engine.encoder.modules())
 
+    def in_place(engine):
+        return [m.inplace for m in engine.encoder.modules() if isinstance(m, torch.nn.ReLU6)]
+
     assert 0 < pads(moved) < pads(padded)  # the asymmetric stride-2 paddings stay modules
+    assert all(in_place(moved)) and not any(in_place(padded)) and in_place(moved)
+    assert not any(in_place(Engine(loaded.model, EngineOptions(fold_batchnorm=False))))  # model untouched
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread, as the pipeline's workers run it
     try:
