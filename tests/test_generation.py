@@ -233,7 +233,7 @@ def test_samples_are_ranked_by_mean_token_log_probability(captioner, images):
     assert len(scores) == 5 and all(math.isfinite(s) and s < 0 for s in scores)
     assert scores == sorted(scores, reverse=True)
     assert all(c.score == pytest.approx(c.logprob / len(c.tokens)) for c in result.candidates)
-    assert result.options == options.to_dict()
+    assert result.options == captioner.resolved(options).to_dict()
 
 
 def test_sampling_means_one_beam_unless_beams_are_given():
@@ -259,3 +259,38 @@ def test_sequence_log_probs_stop_at_the_first_end_token():
     scores, lengths = sequence_log_probs(transition, generated, {eos})
     assert scores.tolist() == [-3.5, -5.0, -0.75]  # padding after eos (even -inf) is not counted
     assert lengths.tolist() == [3, 5, 2]
+
+
+REPEATING_VAL_PHOTOS = (  # Flickr8k val photos whose beam-3 caption repeated a 3-gram before the default
+    "989851184_9ef368e520.jpg",  # "A black dog is playing with a black dog in a field."
+    "3427540832_c882fded1d.jpg",  # "A man in a man in a red shirt is standing in a crowd."
+    "2765747519_2b851e01d6.jpg",  # "A little girl in a red hat is wearing a red hat."
+)
+
+
+def repeats_a_trigram(caption: str) -> bool:
+    words = caption.lower().rstrip(".").split()
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return len(trigrams) != len(set(trigrams))
+
+
+def test_default_captions_never_repeat_a_trigram(flickr8k):
+    """The shipped model's beam search likes "a black dog is playing with a black dog"; its
+    generation_config.json forbids any repeated 3-gram, which the default options leave to the model."""
+    shipped = Captioner.from_pretrained(None)
+    photos = [flickr8k / "images" / name for name in REPEATING_VAL_PHOTOS]
+    allowed = shipped(photos, CaptionOptions(no_repeat_ngram_size=0))
+    assert any(repeats_a_trigram(result.caption) for result in allowed)  # the test can tell
+    default = shipped(photos, CaptionOptions(num_return_sequences=3))
+    for result in default:
+        assert result.options["no_repeat_ngram_size"] == 3  # results record the value that ran
+        assert not any(repeats_a_trigram(candidate.text) for candidate in result.candidates), result
+
+
+def test_no_repeat_ngram_size_is_the_models_unless_given(captioner):
+    """None (the default) takes the model's own setting: 0 for a model whose generation config has none."""
+    assert CaptionOptions().no_repeat_ngram_size is None
+    assert captioner.resolved(CaptionOptions()).no_repeat_ngram_size == 0
+    assert captioner.resolved(CaptionOptions(no_repeat_ngram_size=2)).no_repeat_ngram_size == 2
+    config = generation_config(CaptionOptions(), captioner.model.generation_config)
+    assert not config.no_repeat_ngram_size

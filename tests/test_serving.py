@@ -111,7 +111,7 @@ def test_one_image_gets_the_same_caption_as_the_python_api(client, captioner):
     body = response.json()
     expected = captioner(decode_image(data), OPTIONS)[0]
     assert body["model"] == "seeing"
-    assert body["settings"] == OPTIONS.to_dict()
+    assert body["settings"] == captioner.resolved(OPTIONS).to_dict()
     [image] = body["images"]
     assert (image["filename"], image["width"], image["height"]) == ("dogs.jpg", 224, 224)
     assert image["caption"] == expected.caption
@@ -142,7 +142,7 @@ def test_several_images_come_back_in_upload_order(client, captioner):
     assert all(i["timing"]["batch_images"] == 4 for i in images)  # one shared model call
 
 
-def test_options_as_json_part_equal_form_fields_and_give_scored_candidates(client):
+def test_options_as_json_part_equal_form_fields_and_give_scored_candidates(client, captioner):
     settings = {"max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 3}
     as_json = client.post("/v1/captions", files=files(png(7)), data={"options": json.dumps(settings)})
     as_fields = client.post(
@@ -153,7 +153,8 @@ def test_options_as_json_part_equal_form_fields_and_give_scored_candidates(clien
     assert from_json["candidates"] == from_fields["candidates"]
     scores = [c["score"] for c in from_json["candidates"]]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
-    assert as_json.json()["settings"] == as_fields.json()["settings"] == CaptionOptions(**settings).to_dict()
+    expected = captioner.resolved(CaptionOptions(**settings)).to_dict()
+    assert as_json.json()["settings"] == as_fields.json()["settings"] == expected
 
 
 def test_each_image_lists_num_tags_tags_five_by_default(captioner):

@@ -232,3 +232,12 @@ def test_scst_reward_adds_the_weighted_sentence_bleu4():
 def test_scst_bleu4_weight_must_not_be_negative():
     with pytest.raises(ValueError, match="bleu4_weight"):
         TrainConfig.from_dict({"scst": {"bleu4_weight": -1.0}})
+
+
+def test_export_carries_the_no_repeat_decoding_default(seeing_model_dir, tmp_path):
+    """An exported model never repeats a 3-gram by default (its generation_config.json); the trained
+    folder itself, which validation and SCST decode with, stays without it."""
+    loop.export_fp16(seeing_model_dir, tmp_path / "exported")
+    exported = load_model(tmp_path / "exported")
+    assert exported.model.generation_config.no_repeat_ngram_size == loop.EXPORT_NO_REPEAT_NGRAM_SIZE == 3
+    assert not load_model(seeing_model_dir).model.generation_config.no_repeat_ngram_size

@@ -128,10 +128,15 @@ class Captioner:
         return self._generate(pixels, options)
 
     def _checked(self, options: CaptionOptions | None) -> CaptionOptions:
-        options = (options or CaptionOptions()).validate()
+        options = self.resolved((options or CaptionOptions()).validate())
         check_fits(options, self.max_caption_tokens)
         self.check_prompt(options)
         return options
+
+    def resolved(self, options: CaptionOptions) -> CaptionOptions:
+        """The options as this model runs them, every setting left to the model filled in (what rows and
+        answers record as their settings)."""
+        return options.for_model(self.model.generation_config)
 
     def check_prompt(self, options: CaptionOptions) -> None:
         """Raise OptionsError (one line) when options.prompt does not suit this model."""

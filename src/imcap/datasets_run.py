@@ -113,7 +113,7 @@ def _open(run: DatasetRun, units):
     captioner = Captioner.from_pretrained(run.model, run.max_pixels, run.engine_options, run.use_engine)
     check_fits(run.options, captioner.max_caption_tokens)
     captioner.check_prompt(run.options)
-    settings = {**run.options.to_dict(), "prefix": run.prefix, "suffix": run.suffix}
+    settings = {**captioner.resolved(run.options).to_dict(), "prefix": run.prefix, "suffix": run.suffix}
     if run.style != "sentence":
         settings["caption_style"] = run.style
     sink = get_sink(

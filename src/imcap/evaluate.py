@@ -43,7 +43,7 @@ def evaluate(
     """Caption every image of `split` in `data` (any layout `imcap.data` reads) and score the captions."""
     from imcap.metrics import corpus_stats, score_captions  # needs the [train] extra and Java
 
-    options = (options or CaptionOptions()).validate()
+    options = captioner.resolved((options or CaptionOptions()).validate())
     records = load_records(data, split)[:limit]
     predictions, started = {}, time.time()
     images = [record.image for record in records]

@@ -183,6 +183,7 @@ def caption(
         captioner = Captioner.from_pretrained(model, max_pixels or None, engine, use_engine)
         check_fits(options, captioner.max_caption_tokens)
         captioner.check_prompt(options)
+        options = captioner.resolved(options)
         settings = {**options.to_dict(), "prefix": prefix, "suffix": suffix}
         if caption_style != "sentence":  # rows of earlier versions, without the setting, still resume
             settings["caption_style"] = caption_style

@@ -189,6 +189,10 @@ RepetitionPenaltyOption = Annotated[
     float, decoding_option("--repetition-penalty", "> 1 discourages repeated tokens.")
 ]
 NoRepeatNgramOption = Annotated[
-    int, decoding_option("--no-repeat-ngram-size", "Never repeat an n-gram of this size (0: off).")
+    int | None,
+    decoding_option(
+        "--no-repeat-ngram-size",
+        "Never repeat an n-gram of this size (0: off; default: the model's own, 3 for the shipped model).",
+    ),
 ]
 SeedOption = Annotated[int | None, decoding_option("--seed", "Makes sampling reproducible.")]

@@ -136,6 +136,7 @@ def _add_routes(
         if caption_request.return_attention:
             _check_explainable(captioners[caption_request.model])
         _check_prompt(captioners[caption_request.model], caption_request.options)
+        caption_request.options = _resolved(captioners[caption_request.model], caption_request.options)
         batcher.check_room(len(caption_request.uploads))  # a full queue answers 503 before any decoding
         decode_started = time.perf_counter()
         decoded = await anyio.to_thread.run_sync(decode_all, caption_request)
@@ -167,6 +168,13 @@ def _check_prompt(captioner: Captioner, options) -> None:
         captioner.check_prompt(options)
     except OptionsError as error:
         raise RequestError(422, str(error)) from error
+
+
+def _resolved(captioner: Captioner, options):
+    """The options as the model runs them (its own no_repeat_ngram_size when left unset), which the answer
+    reports; stand-ins for a Captioner, without a model, leave them as they are."""
+    resolve = getattr(captioner, "resolved", None)
+    return resolve(options) if resolve is not None else options
 
 
 def _best_scores(candidates: list) -> dict:

@@ -485,9 +485,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# The decoding default an exported model carries in its generation_config.json (CaptionOptions leaves it
+# to the model): never repeat a 3-gram, chosen on val (README, "Decoding"). Only exports get it: SCST
+# samples and validation during training decode without it, as the model was trained.
+EXPORT_NO_REPEAT_NGRAM_SIZE = 3
+
+
 def export_fp16(model_dir: Path, destination: Path) -> None:
     """Copy a trained model folder as fp16 safetensors (half the size: how the default model ships)."""
     from imcap.modeling import load_model
 
     loaded = load_model(model_dir)
+    if not loaded.model.generation_config.no_repeat_ngram_size:
+        loaded.model.generation_config.no_repeat_ngram_size = EXPORT_NO_REPEAT_NGRAM_SIZE
     save_model(loaded.model, loaded.tokenizer, loaded.image_processor, destination, fp16=True)
