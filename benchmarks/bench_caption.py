@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "model": args.model or "imcap default (shipped)",
         "settings": {
-            **options.to_dict(),
+            **captioner.resolved(options).to_dict(),
             "imcap_batch_size": args.batch_size,
             "images": len(paths),
             "engine": asdict(engine),

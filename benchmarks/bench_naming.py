@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     result = {
         "model": captioner.name,
-        "options": options.to_dict(),
+        "options": captioner.resolved(options).to_dict(),  # the settings that ran, the model's filled in
         "guidance": dataclasses.asdict(captioner.guide.settings) if captioner.guide else None,
         "data": str(args.data),
         "machine": machine(),
