@@ -31,7 +31,7 @@ from .conftest import EXAMPLES
 SETTINGS = {
     "greedy": CaptionOptions(num_beams=1, max_new_tokens=12),
     "beam3": CaptionOptions(num_beams=3, max_new_tokens=12),
-    # the defaults never repeat a 3-gram; these two run with no logits processor at all
+    # no_repeat_ngram_size given (the others leave it to the model): no logits processor at all
     "greedy-no-processors": CaptionOptions(num_beams=1, no_repeat_ngram_size=0, max_new_tokens=12),
     "beam3-no-processors": CaptionOptions(num_beams=3, no_repeat_ngram_size=0, max_new_tokens=12),
     "beam4-three-returned": CaptionOptions(num_beams=4, num_return_sequences=3, max_new_tokens=10),

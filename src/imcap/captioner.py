@@ -103,7 +103,7 @@ class Captioner:
 
         Raises OptionsError for bad settings (before any model work) and ImageLoadError for a bad image.
         """
-        options = self._checked(options)
+        options = self.checked(options)
         batch = [images] if isinstance(images, _SINGLE) else list(images)
         if not batch:
             return []
@@ -115,7 +115,7 @@ class Captioner:
     ) -> list[CaptionResult]:
         """Caption a (B, 3, H, W) batch made by `pixel_values` (so a caller can prepare the next batch
         in another thread while this one runs)."""
-        options = self._checked(options)
+        options = self.checked(options)
         if isinstance(pixels, ProcessorInputs):
             return self._caption_processed(pixels, options)
         pixels = pixels.to(self.model.dtype)
@@ -127,7 +127,9 @@ class Captioner:
             return [result for row in pixels for result in self._generate(row[None], options)]
         return self._generate(pixels, options)
 
-    def _checked(self, options: CaptionOptions | None) -> CaptionOptions:
+    def checked(self, options: CaptionOptions | None) -> CaptionOptions:
+        """The options as this model runs them (`resolved`), after every check: OptionsError (one line) for
+        a bad setting, a caption longer than the model can write or a prompt it does not take."""
         options = self.resolved((options or CaptionOptions()).validate())
         check_fits(options, self.max_caption_tokens)
         self.check_prompt(options)
@@ -168,7 +170,7 @@ class Captioner:
     ) -> list[CaptionResult]:
         """The engine's second half: decode captions for what `encode` made (the two can run in
         different threads, as `imcap.batch.caption_batches` does)."""
-        options = self._checked(options)
+        options = self.checked(options)
         encoded = encoded if isinstance(encoded, Encoded) else Encoded(encoded)
         config = generation_config(options, self.model.generation_config)
         if options.guide and self.guide is not None and encoded.concept_probs is not None:

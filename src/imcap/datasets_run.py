@@ -108,12 +108,9 @@ def _open(run: DatasetRun, units):
     name it in rows; the Ray engine drops it and loads one per actor)."""
     from imcap.captioner import Captioner
     from imcap.datasets_out import get_sink
-    from imcap.generation import check_fits
 
     captioner = Captioner.from_pretrained(run.model, run.max_pixels, run.engine_options, run.use_engine)
-    check_fits(run.options, captioner.max_caption_tokens)
-    captioner.check_prompt(run.options)
-    settings = {**captioner.resolved(run.options).to_dict(), "prefix": run.prefix, "suffix": run.suffix}
+    settings = {**captioner.checked(run.options).to_dict(), "prefix": run.prefix, "suffix": run.suffix}
     if run.style != "sentence":
         settings["caption_style"] = run.style
     sink = get_sink(

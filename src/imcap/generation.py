@@ -70,7 +70,7 @@ class CaptionOptions:
         """These options with the settings left to the model (None) taken from its GenerationConfig."""
         if self.no_repeat_ngram_size is not None:
             return self
-        return replace(self, no_repeat_ngram_size=getattr(base, "no_repeat_ngram_size", None) or 0)
+        return replace(self, no_repeat_ngram_size=base.no_repeat_ngram_size or 0)
 
     def to_dict(self) -> dict:
         """Every setting; `prompt` only when one is given, so rows and answers of models without prompts

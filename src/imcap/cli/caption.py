@@ -137,7 +137,7 @@ def caption(
     from imcap.accel import AccelError
     from imcap.batch import BatchInterrupted, caption_files, find_images
     from imcap.captioner import Captioner
-    from imcap.generation import OptionsError, check_fits
+    from imcap.generation import OptionsError
     from imcap.modeling import ModelLoadError
 
     options = CaptionOptions(
@@ -181,9 +181,7 @@ def caption(
             )
         check_outputs(files, output, sidecar_extension)
         captioner = Captioner.from_pretrained(model, max_pixels or None, engine, use_engine)
-        check_fits(options, captioner.max_caption_tokens)
-        captioner.check_prompt(options)
-        options = captioner.resolved(options)
+        options = captioner.checked(options)
         settings = {**options.to_dict(), "prefix": prefix, "suffix": suffix}
         if caption_style != "sentence":  # rows of earlier versions, without the setting, still resume
             settings["caption_style"] = caption_style
