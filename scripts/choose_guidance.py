@@ -19,7 +19,8 @@ the fitted rules below, for naming and the guard).
 3. The guard (words ruled out of rewritten captions): the largest threshold of its grid that passes.
 
 Fitted before the naming sweep, from the training captions (imcap.guidance_fit), and kept through it:
-`subject_followers` (with placement start: the words allowed right after a forced subject), and the
+`subject_followers` (with placement start: the words allowed right after a forced subject),
+`generic_words` (the hypernyms naming falls back to, from WordNet: imcap.guidance_fit.generic_words), and the
 people rule: `people_classes` (classes the training photos show with people) and `no_people_threshold`,
 the lowest of its grid at which at most `--max-wrong-no-people` of the val photos it fires on have people
 in their references. The words that rule bans are `corpus_people_words`: a hand-made seed plus every word
@@ -51,6 +52,7 @@ from imcap.guidance import GuidanceSettings, Guide, no_people_mass
 from imcap.guidance_fit import (
     PEOPLE_WORDS,
     corpus_people_words,
+    generic_words,
     named_people_classes,
     no_people_threshold,
     people_classes,
@@ -250,6 +252,7 @@ def fitted_rules(
         "people_words": people_words,
         "people_classes": tuple(w for w, c in zip(table.wnids, classes.tolist(), strict=True) if c),
         "no_people_threshold": threshold,
+        "generic_words": generic_words(table, read_noun_synsets()),
     }
 
 

@@ -21,6 +21,11 @@ TABLE = load_concept_table()
 HUSKY, MALAMUTE, TABBY, ZEBRA = (
     TABLE.wnids.index(w) for w in ("n02110185", "n02110063", "n02123045", "n02391049")
 )
+# reptiles (American alligator, African crocodile, Komodo dragon) and apes (gorilla, chimpanzee)
+ALLIGATOR, CROCODILE, KOMODO, IGUANA, GORILLA, CHIMPANZEE = (
+    TABLE.wnids.index(w)
+    for w in ("n01698640", "n01697457", "n01695060", "n01677366", "n02480855", "n02481823")
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +107,29 @@ def test_prefix_and_constraint_tokens(guide):
     assert forms == {" traffic light", " traffic lights"}
 
 
+def test_a_general_name_is_forced_only_when_no_table_word_is_sure(guide):
+    settings = dataclasses.replace(guide.settings, generic_words=("reptile", "lizard", "ape"))
+    general = Guide(TABLE, settings, guide.tokenizer)
+    [plan] = general.plans(probs(alligator=0.39, crocodile=0.34))  # neither reaches 0.5; together 0.73
+    assert plan.generic_probs["reptile"] == pytest.approx(0.73)
+    assert general.missing_word(plan, "A black bird is playing in the water.") == "reptile"
+    assert general.missing_word(plan, "A crocodile is swimming.") is None  # a name of a class it covers
+    [plan] = general.plans(probs(komodo=0.55, alligator=0.2))
+    assert general.missing_word(plan, "A bird in a tree.") == "komodo dragon"  # a table word is sure
+    # the most specific sure word wins: "lizard" (11 classes) over "reptile" (36), both over 0.5
+    [plan] = general.plans(probs(komodo=0.3, iguana=0.25, alligator=0.2))
+    assert plan.generic_probs["reptile"] > plan.generic_probs["lizard"] > 0.5
+    assert general.missing_word(plan, "A bird in a tree.") == "lizard"
+    [plan] = general.plans(probs(gorilla=0.3, chimpanzee=0.25))
+    assert general.missing_word(plan, "A black bird is climbing a tree.") == "ape"
+    [plan] = guide.plans(probs(gorilla=0.3, chimpanzee=0.25))  # no generic_words: the rule is off
+    assert plan.generic_probs == {} and guide.missing_word(plan, "A black bird.") is None
+    guarded = Guide(TABLE, dataclasses.replace(general.settings, guard_threshold=0.35), guide.tokenizer)
+    [plan] = guarded.plans(probs(gorilla=0.3, chimpanzee=0.25))
+    plan.required = ("ape",)
+    assert "gorilla" not in guarded.guarded(plan) and "dog" in guarded.guarded(plan)  # the ape's names stay
+
+
 def test_settings_round_trip(tmp_path):
     settings = GuidanceSettings(
         0.6,
@@ -114,6 +142,7 @@ def test_settings_round_trip(tmp_path):
         people_words=("girl",),
         people_classes=("n04228054",),
         no_people_threshold=0.8,
+        generic_words=("reptile", "ape"),
         chosen_on="val",
     )
     settings.save(tmp_path)

@@ -91,3 +91,25 @@ def test_corpus_people_words_are_person_nouns_the_captions_use_for_people():
     assert "monitor" not in corpus_people_words(
         twice, wordnet, followers, class_names={"monitor"}, min_photos=2, seed=seed
     )
+
+
+def test_generic_words_are_everyday_names_of_animal_food_and_plant_categories():
+    from imcap.guidance import GuidanceSettings
+    from imcap.guidance_fit import generic_words
+    from imcap.modeling import DEFAULT_MODEL_DIR
+    from imcap.wordnet import read_noun_synsets
+
+    try:
+        wordnet = read_noun_synsets()
+    except FileNotFoundError:
+        pytest.skip("WordNet 3.0 is not installed (Debian wordnet-base)")
+    table = load_concept_table()
+    words = generic_words(table, wordnet)
+    assert {"reptile", "lizard", "ape", "parrot", "shark"} <= set(words)
+    assert not set(words) & set(table.words)  # "dog", "fish", "bird" are the table's own words already
+    assert "monitor" not in words  # usually the screen, not the lizard
+    assert "primate" not in words  # its usual sense is the archbishop
+    assert "serpent" not in words and "rattler" not in words  # "snake", "rattlesnake" are said instead
+    assert "obstruction" not in words and "utensil" not in words  # artifact categories are not named so
+    # the shipped guidance falls back to exactly these (scripts/choose_guidance.py fits them)
+    assert GuidanceSettings.load(DEFAULT_MODEL_DIR).generic_words == words

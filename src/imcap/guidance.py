@@ -18,6 +18,11 @@ chosen on Flickr8k val (`scripts/choose_guidance.py`) and saved with the model (
 - **no people where the head sees none**: the head has no class for a person, so `people_words` are
   banned when the classes never seen with people on the training photos (`people_classes`: all but ski,
   swing, mountain bike...) hold at least `no_people_threshold` of the probability.
+- **a more general name when nothing is sure**: when no word reaches `name_threshold` but one of
+  `generic_words` does (a hypernym several classes share, summed over them: "reptile" over an alligator and
+  a crocodile at 0.39 and 0.34, "ape" over a gorilla and a chimpanzee), the caption names that instead of
+  inventing a Flickr8k subject ("a black bird is playing in the water"); the most specific such word
+  (fewest classes) wins.
 - **the named thing stays the subject**: with placement "start", the word after "a zebra" must be one
   that captions put after their subject (`subject_followers`: "is", "in", "with", "running"...), not
   "man" ("a zebra man is sitting on a tree").
@@ -72,6 +77,9 @@ class GuidanceSettings:
     people_words: tuple[str, ...] = ()
     people_classes: tuple[str, ...] = ()
     no_people_threshold: float = 0.0  # 0: off
+    # hypernyms the naming rule falls back to when no table word is sure (imcap.guidance_fit.generic_words:
+    # everyday names of animal, plant and food categories, "reptile", "ape", "parrot"). Empty: off
+    generic_words: tuple[str, ...] = ()
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
     def __post_init__(self):
@@ -93,6 +101,7 @@ class GuidanceSettings:
             "subject_followers",
             "people_words",
             "people_classes",
+            "generic_words",
         )
         lists = {key: tuple(raw.get(key, ())) for key in keys}
         return cls(**{**raw, **lists})
@@ -108,6 +117,7 @@ class Plan:
     banned: tuple[str, ...] = ()  # words it must not contain
     required: tuple[str, ...] = ()  # words it must contain (set after the unguided pass)
     word_probs: dict[str, float] = field(default_factory=dict, repr=False)
+    generic_probs: dict[str, float] = field(default_factory=dict, repr=False)  # settings.generic_words
 
 
 class Guide:
@@ -119,14 +129,19 @@ class Guide:
         self.words = sorted(set(table.words))  # the words a caption would use, one or more classes each
         # a word is as probable as all the classes it names: "dog" sums every breed, "missile" both the
         # missile and the projectile class (each lists "missile" among its synonyms)
-        column = {word: i for i, word in enumerate(self.words)}
-        self._names = torch.zeros(len(self.words), len(table))  # (W, 1000): 1 where word i names class j
-        for cls, synonyms in enumerate(table.synonyms):
-            for word in set(synonyms) & column.keys():
-                self._names[column[word], cls] = 1.0
+        self._names = _names_matrix(table, self.words)  # (W, 1000): 1 where word i names class j
         compatible: dict[str, set[str]] = {w: {w} for w in self.words}
         for word, synonyms in zip(table.words, table.synonyms, strict=True):
             compatible[word].update(synonyms)
+        # a general word is said by the names of every class it covers: "reptile" by "crocodile"
+        self.generic_words = tuple(sorted(set(settings.generic_words) - set(self.words)))
+        self._generic_names = _names_matrix(table, self.generic_words)  # (G, 1000)
+        sizes = self._generic_names.sum(dim=1).tolist()  # how many classes each covers
+        self._generic_size = dict(zip(self.generic_words, sizes, strict=True))
+        for word, row in zip(self.generic_words, self._generic_names, strict=True):
+            compatible[word] = {word}
+            for cls in row.nonzero().flatten().tolist():
+                compatible[word].update({table.words[cls], *table.synonyms[cls]})
         self._compatible = {w: tuple(sorted(s)) for w, s in compatible.items()}
         self._people_classes = torch.zeros(len(table), dtype=torch.bool)  # (1000,) True: seen with people
         unknown = sorted(set(settings.people_classes) - set(table.wnids))
@@ -158,22 +173,25 @@ class Guide:
 
     def word_probabilities(self, concept_probs: torch.Tensor) -> torch.Tensor:
         """(B, 1000) class probabilities -> (B, W) word probabilities (`self.words` order)."""
-        probs = concept_probs.float()
-        return (probs @ self._names.to(probs.device).T).clamp(max=1.0)
+        return _summed(concept_probs, self._names)
 
     def plans(self, concept_probs: torch.Tensor) -> list[Plan]:
         """The first pass's plan per image: which words are ruled out."""
         word_probs = self.word_probabilities(concept_probs)
+        generic_probs = _summed(concept_probs, self._generic_names).tolist()
         no_people = self.no_people(concept_probs).tolist()
         plans = []
-        for row, people_unlikely in zip(word_probs.tolist(), no_people, strict=True):
+        for row, generic_row, people_unlikely in zip(
+            word_probs.tolist(), generic_probs, no_people, strict=True
+        ):
             probs = dict(zip(self.words, row, strict=True))
             banned = tuple(
                 w for w in self.settings.ban_words if probs.get(w, 1.0) < self.settings.ban_threshold
             )
             if people_unlikely:
                 banned += self.settings.people_words
-            plans.append(Plan(banned=banned, word_probs=probs))
+            generic = dict(zip(self.generic_words, generic_row, strict=True))
+            plans.append(Plan(banned=banned, word_probs=probs, generic_probs=generic))
         return plans
 
     def no_people(self, concept_probs: torch.Tensor) -> torch.Tensor:
@@ -186,12 +204,17 @@ class Guide:
 
     def missing_word(self, plan: Plan, caption: str) -> str | None:
         """The most probable word over `name_threshold` that the caption does not name, if any (words
-        captions do not say, `unsaid_words`, are passed over)."""
+        captions do not say, `unsaid_words`, are passed over). When no word is that sure, the most
+        specific of `generic_words` that is (fewest classes, then most probable)."""
+        threshold = self.settings.name_threshold
         said = {w: p for w, p in plan.word_probs.items() if w not in self.settings.unsaid_words}
         word, prob = max(said.items(), key=lambda item: item[1])
-        if prob < self.settings.name_threshold or mentions(caption, self._compatible[word]):
-            return None
-        return word
+        if prob < threshold:
+            sure = [(self._generic_size[w], -p, w) for w, p in plan.generic_probs.items() if p >= threshold]
+            if not sure:
+                return None
+            word = min(sure)[2]
+        return None if mentions(caption, self._compatible[word]) else word
 
     def names(self, word: str) -> tuple[str, ...]:
         """Every name compatible with a table word: its own, its classes' synonyms and hypernyms."""
@@ -239,6 +262,22 @@ class Guide:
                 self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
             )
         return ids
+
+
+def _names_matrix(table: ConceptTable, words: Sequence[str]) -> torch.Tensor:
+    """(len(words), classes): 1 where the word is among the class's synonyms (its names and hypernyms')."""
+    column = {word: i for i, word in enumerate(words)}
+    names = torch.zeros(len(words), len(table))
+    for cls, synonyms in enumerate(table.synonyms):
+        for word in set(synonyms) & column.keys():
+            names[column[word], cls] = 1.0
+    return names
+
+
+def _summed(concept_probs: torch.Tensor, names: torch.Tensor) -> torch.Tensor:
+    """(B, 1000) class probabilities -> (B, len(names)): each word's classes summed."""
+    probs = concept_probs.float()
+    return (probs @ names.to(probs.device).T).clamp(max=1.0)
 
 
 def no_people_mass(concept_probs: torch.Tensor, people_classes: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ captions, what the rules need that the concept table cannot say:
   people words out of the caption;
 - `corpus_people_words`: which words that rule bans: beyond the hand list below, every word the captions
   use as a noun for a person (WordNet says "hiker", "cyclist", "spectator" are people; the captions
-  say which of WordNet's thousands of person nouns come up, and as nouns: "white" is a person in WordNet).
+  say which of WordNet's thousands of person nouns come up, and as nouns: "white" is a person in WordNet);
+- `generic_words`: the categories naming falls back to when no single word is sure ("reptile", "ape"),
+  from WordNet alone.
 """
 
 from __future__ import annotations
@@ -168,3 +170,39 @@ def _singulars(word: str) -> list[str]:
     if word.endswith("men"):
         candidates.append(word[:-3] + "man")
     return [c for c in candidates if c]
+
+
+# WordNet lexicographer files whose categories people name in captions: noun.animal, noun.food,
+# noun.plant. Their taxonomies are deep and everyday names sit high in them ("reptile", "ape", "parrot");
+# artifact categories are functional ("an obstruction", "a utensil", "a transducer")
+GENERIC_LEX_FILES = (5, 13, 20)
+
+
+def generic_words(
+    table, wordnet: WordNet, lex_files: Collection[int] = GENERIC_LEX_FILES, min_classes: int = 2
+) -> tuple[str, ...]:
+    """The hypernyms the naming rule may fall back to (imcap.guidance, `generic_words`): the synonyms of the
+    concept table that are no class's word and name at least `min_classes` classes, where
+    - WordNet's most frequent sense of the name is a category of `lex_files` that all those classes are in
+      (so "monitor", whose usual sense is the screen, never stands for a monitor lizard);
+    - that sense is in everyday use: tagged in WordNet's texts, and the synset's most tagged name ("snake"
+      rather than "serpent", "rattlesnake" rather than "rattler")."""
+    covers: dict[str, list[int]] = {}
+    for cls, synonyms in enumerate(table.synonyms):
+        for name in synonyms:
+            covers.setdefault(name, []).append(cls)
+    words = set(table.words)
+    found = []
+    for name, classes in sorted(covers.items()):
+        if name in words or len(classes) < min_classes:
+            continue
+        senses = wordnet.senses(name)
+        if not senses or senses[0].lex_file not in lex_files:
+            continue
+        category = senses[0]
+        tags = {lemma: wordnet.tag_count(category, lemma) for lemma in category.lemmas}
+        if tags[name] < 1 or max(tags.values()) > tags[name]:
+            continue
+        if all(wordnet.is_under(wordnet.synset(table.wnids[cls]), category) for cls in classes):
+            found.append(name)
+    return tuple(found)
