@@ -101,6 +101,21 @@ def test_engine_tokens_equal_plain_generate(seeing, name, batch_size):
         assert len({len(candidates[0]) for candidates in got}) > 1
 
 
+@pytest.mark.parametrize("drop_share", [1e-9, 0.5, 1.01])  # leave at once, in groups, never
+def test_done_images_leave_the_batch_without_changing_any_result(seeing, monkeypatch, drop_share):
+    import imcap.engine
+
+    loaded, pixels = seeing
+    config = generation_config(SETTINGS["beam3"], loaded.model.generation_config)
+    config.num_return_sequences = 2
+    engine = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
+    monkeypatch.setattr(imcap.engine, "_DROP_SHARE", drop_share)
+    with torch.inference_mode():
+        expected = plain_generate(loaded.model, pixels, config)
+        got = engine.decode(engine.encode(pixels), config)
+    assert [[d.tokens for d in candidates] for candidates in got] == expected  # each result taken once
+
+
 def test_engine_scores_match_generate(seeing):
     loaded, pixels = seeing
     options = CaptionOptions(num_beams=3, num_return_sequences=2, max_new_tokens=12)

@@ -9,8 +9,10 @@ captions are token-for-token those of `generate`, but:
 
 - the encoder runs once per image; every beam reads the same cross-attention keys/values, so only the
   self-attention cache is reordered between steps;
-- an image leaves the batch as soon as its result can no longer change (all beams finished, or no open
-  beam can beat the finished ones), so a long caption doesn't make the whole batch pay for it;
+- an image's result is taken as soon as it can no longer change (all beams finished, or no open beam can
+  beat the finished ones), and done images leave the batch together once they are half of it, so a long
+  caption doesn't make the whole batch pay for it (leaving copies the other rows' caches: one image at a
+  time cost more than it saved);
 - our EfficientNet-Lite encoder runs with BatchNorm folded into its convolutions and channels-last
   memory. Folding changes float rounding (~1e-5 on the visual tokens); `benchmarks/bench_caption.py`
   measures that captions stay identical to plain `generate`'s.
@@ -44,6 +46,7 @@ if TYPE_CHECKING:  # imcap.guided imports this module
     from imcap.guided import Constraint
 
 _MASKED = -1.0e9  # the score transformers' beam search gives to excluded beams; kept for identical ties
+_DROP_SHARE = 0.5  # beam search: done images leave the batch once they are this share of it (see run)
 
 
 @dataclass
@@ -402,6 +405,7 @@ class _BeamSearch:
 
     def run(self) -> list[list[Decoded]]:
         length = first = 1 + self.prefix_length
+        collected = torch.zeros(self.running.shape[0], dtype=torch.bool, device=self.running.device)
         while True:
             rows = self.running[:, :, :length].flatten(0, 1)
             log_probs = self._first_step(rows) if length == first else self._next_step(rows)
@@ -409,13 +413,19 @@ class _BeamSearch:
             length += 1
             self._update_can_improve(length)
             done = ~self.can_improve[:, 0] | (self.is_finished.all(dim=1) & (self.early_stopping is True))
-            if hits_stop.all():
+            if hits_stop[~collected].all():
                 done[:] = True
-            self._collect(done)
-            if done.all():
+            self._collect(done & ~collected)  # an image's result is final once done: taken once
+            collected |= done
+            if collected.all():
                 return self.results
-            if done.any():
-                self._drop(~done)
+            # Leaving the batch copies every remaining row's caches (the cross-attention one is large), so
+            # done images leave together once they are _DROP_SHARE of the batch; until then their rows
+            # decode on and their results stay as taken. Beam 3 on 200 val photos in one batch decoded
+            # 20% faster than with each image leaving when done; in batches of 64 5%, of 16 the same.
+            if collected.float().mean() >= _DROP_SHARE:
+                self._drop(~collected)
+                collected = collected[~collected]
 
     def _first_step(self, rows: torch.Tensor) -> torch.Tensor:
         """Step one, once per image instead of once per beam: every beam of an image starts from the same
