@@ -217,7 +217,7 @@ class Guide:
         return None if mentions(caption, self._compatible[word]) else word
 
     def names(self, word: str) -> tuple[str, ...]:
-        """Every name compatible with a table word: its own, its classes' synonyms and hypernyms."""
+        """Every name compatible with a table or generic word: its own, its classes' names and hypernyms."""
         return self._compatible[word]
 
     def guarded(self, plan: Plan) -> tuple[str, ...]:
