@@ -22,6 +22,11 @@ from the shipped concept table (imcap.concepts), so the benchmark does not grade
   this is not all invention; it compares models on the same photos (a Flickr8k-trained decoder likes to
   add "a man" or "a little girl" after the object: "a carbonara is playing with a little girl"). A second
   share counts a wider list of people words (PEOPLE_WORDS_WIDE: "hikers", "spectators", ...).
+- things acting alive: of the classes that are neither animals nor people (WordNet), the share whose
+  caption has the class as its subject (the words before the first "is"/"are" name it) doing what only
+  living things do (LIVING_ACTS, the word after "is"/"are": "a clock is playing with a toy", "a broom is
+  climbing a rock"). A fixed list, wider than the verbs guidance fits (imcap.guidance_fit.living_verbs),
+  so that the measure does not move with the rule.
 
 It prints the shares with their counts, the model, settings, machine and time, then every miss
 (`wnid  label  ->  caption`); --json writes the same plus one row per photo. The exit status is 0.
@@ -43,7 +48,7 @@ import torch
 
 from imcap.batch import caption_batches
 from imcap.captioner import Captioner
-from imcap.concepts import mentions
+from imcap.concepts import mentions, tokens
 from imcap.generation import CaptionOptions
 from imcap.guidance import Guide
 from imcap.wordnet import Synset, WordNet, read_noun_synsets
@@ -62,6 +67,13 @@ PEOPLE_WORDS_WIDE = (
     *PEOPLE_WORDS, "biker", "climber", "rider", "skateboarder", "dancer", "diver", "athlete", "adult",
     "someone", "hiker", "cyclist", "bicyclist", "teenager", "spectator", "onlooker", "runner", "skater",
     "tourist", "worker", "soldier", "student", "musician", "singer", "family", "friend", "crowd of people",
+)  # fmt: skip
+ANIMAL = "n00015388"  # animal, animate being, beast, brute, creature, fauna
+LIVING_ACTS = (
+    "playing", "running", "jumping", "climbing", "swimming", "walking", "riding", "eating", "smiling",
+    "looking", "wearing", "posing", "chasing", "catching", "biting", "digging", "dancing", "laughing",
+    "sleeping", "drinking", "watching", "waiting", "hiking", "skiing", "surfing", "fighting", "doing",
+    "performing", "throwing", "kicking", "sniffing", "barking", "licking", "swinging", "skateboarding",
 )  # fmt: skip
 # COCO's object categories as a caption says them (people left out: hard to rule out in any photo)
 OBJECT_WORDS = (
@@ -134,6 +146,8 @@ class Row:
     person_class: bool = False  # the class is a kind of person (groom, scuba diver, ballplayer)
     says_person: bool = False
     says_person_wide: bool = False  # PEOPLE_WORDS_WIDE
+    lifeless_class: bool = False  # neither an animal nor a person
+    acts_alive: bool = False  # the caption's subject names the class and does one of LIVING_ACTS
 
 
 def read_photos(data: Path, limit: int | None) -> list[Photo]:
@@ -175,10 +189,30 @@ def is_person(wordnet: WordNet, wnid: str) -> bool:
     return wordnet.is_under(wordnet.synset(wnid), wordnet.synset(PERSON))
 
 
+def is_lifeless(wordnet: WordNet, wnid: str) -> bool:
+    synset = wordnet.synset(wnid)
+    return not any(wordnet.is_under(synset, wordnet.synset(up)) for up in (ANIMAL, PERSON))
+
+
+def acts_alive(caption: str, words: list[str]) -> bool:
+    """The caption's subject (before its first "is"/"are") names the class and does one of LIVING_ACTS."""
+    tokens_ = tokens(caption)
+    verb_at = next((i for i, word in enumerate(tokens_) if word in ("is", "are")), None)
+    if verb_at is None or verb_at + 1 >= len(tokens_):
+        return False
+    return tokens_[verb_at + 1] in LIVING_ACTS and mentions(" ".join(tokens_[:verb_at]), words)
+
+
 def score(
-    photo: Photo, caption: str | None, words: list[str], dog_class: bool, person_class: bool = False
+    photo: Photo,
+    caption: str | None,
+    words: list[str],
+    dog_class: bool,
+    person_class: bool = False,
+    lifeless_class: bool = False,
 ) -> Row:
-    """One photo's scores: does the caption name the class, does it say dog, a person, other objects."""
+    """One photo's scores: does the caption name the class, does it say dog, a person, other objects, does
+    a lifeless thing act alive."""
     text = caption or ""
     return Row(
         **asdict(photo),
@@ -190,6 +224,8 @@ def score(
         person_class=person_class,
         says_person=mentions(text, PEOPLE_WORDS),
         says_person_wide=mentions(text, PEOPLE_WORDS_WIDE),
+        lifeless_class=lifeless_class,
+        acts_alive=lifeless_class and acts_alive(text, words),
     )
 
 
@@ -201,6 +237,8 @@ def summarize(rows: list[Row]) -> dict:
     people_wide = sum(row.says_person_wide for row in things)
     named = sum(row.named for row in rows)
     dog_on_others = sum(row.says_dog for row in others)
+    lifeless = [row for row in rows if row.lifeless_class]
+    alive = sum(row.acts_alive for row in lifeless)
     return {
         "photos": len(rows),
         "failed": sum(row.caption is None for row in rows),
@@ -216,6 +254,9 @@ def summarize(rows: list[Row]) -> dict:
         "people_on_non_person_share": people_on_things / len(things) if things else 0.0,
         "people_wide_on_non_person": people_wide,
         "people_wide_on_non_person_share": people_wide / len(things) if things else 0.0,
+        "lifeless_classes": len(lifeless),
+        "acting_alive": alive,
+        "acting_alive_share": alive / len(lifeless) if lifeless else 0.0,
     }
 
 
@@ -257,6 +298,7 @@ def report(result: dict) -> str:
         f"({s['people_on_non_person']}/{s['non_person_classes']})",
         f"people on non-person classes, wider word list: {s['people_wide_on_non_person_share']:.1%} "
         f"({s['people_wide_on_non_person']}/{s['non_person_classes']})",
+        f"things acting alive: {s['acting_alive_share']:.1%} ({s['acting_alive']}/{s['lifeless_classes']})",
         f"generic (not counted as naming): {', '.join(GENERIC.values())}",
         f"misses ({len(result['misses'])}):",
     ]
@@ -298,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             naming_words(wordnet, photo.wnid),
             dog_class=is_dog(wordnet, photo.wnid),
             person_class=is_person(wordnet, photo.wnid),
+            lifeless_class=is_lifeless(wordnet, photo.wnid),
         )
         for photo, path in zip(photos, paths, strict=True)
     ]

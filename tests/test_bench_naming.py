@@ -80,6 +80,30 @@ def test_people_are_counted_on_classes_that_are_not_people(bench):
     assert summary["people_wide_on_non_person_share"] == pytest.approx(3 / 4)
 
 
+def test_things_acting_alive_are_counted_on_lifeless_classes(bench):
+    clock = bench.Photo("c.jpg", 409, "n02708093", "analog clock")
+    words = ["analog clock", "clock"]
+    rows = [
+        bench.score(clock, "A clock is playing with a white toy.", words, False, lifeless_class=True),
+        bench.score(clock, "Two clocks are climbing a rock.", words, False, lifeless_class=True),
+        bench.score(clock, "A clock is hanging on a wall.", words, False, lifeless_class=True),
+        bench.score(clock, "A man is playing with a clock.", words, False, lifeless_class=True),
+        bench.score(clock, "A dog is playing.", ["dog"], False),  # a living class: not counted
+    ]
+    assert [row.acts_alive for row in rows] == [True, True, False, False, False]
+    summary = bench.summarize(rows)
+    assert (summary["acting_alive"], summary["lifeless_classes"]) == (2, 4)
+
+
+@needs_wordnet
+def test_lifeless_classes_are_neither_animals_nor_people(bench):
+    from imcap.wordnet import read_noun_synsets
+
+    wordnet = read_noun_synsets()
+    assert bench.is_lifeless(wordnet, "n02708093")  # analog clock
+    assert not bench.is_lifeless(wordnet, "n02391049") and not bench.is_lifeless(wordnet, "n10148035")
+
+
 @needs_wordnet
 @pytest.mark.skipif(not (IMAGENET_SAMPLE / "labels.tsv").is_file(), reason="needs the shared ImageNet sample")
 def test_main_captions_a_few_photos_with_the_shipped_model(bench, tmp_path, capsys):
@@ -88,6 +112,7 @@ def test_main_captions_a_few_photos_with_the_shipped_model(bench, tmp_path, caps
     printed = capsys.readouterr().out
     assert "named: " in printed and "dog on non-dog: " in printed and "generic (not counted" in printed
     assert "people on non-person classes: " in printed and "wider word list: " in printed
+    assert "things acting alive: " in printed
     result = json.loads(out.read_text())
     assert [row["index"] for row in result["rows"]] == [0, 1, 2, 3, 4]
     assert all(row["caption"] for row in result["rows"]) and result["options"]["guide"] is True
