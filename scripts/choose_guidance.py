@@ -20,8 +20,9 @@ the fitted rules below, for naming and the guard).
 
 Fitted before the naming sweep, from the training captions (imcap.guidance_fit), and kept through it:
 `subject_followers` (with placement start: the words allowed right after a forced subject),
-`generic_words` (the hypernyms naming falls back to, from WordNet: imcap.guidance_fit.generic_words), and the
-people rule: `people_classes` (classes the training photos show with people) and `no_people_threshold`,
+`generic_words` (the hypernyms naming falls back to, from WordNet: imcap.guidance_fit.generic_words),
+`living_verbs` and `acting_classes` (what a thing that does not act may not do: "a clock is playing"), and
+the people rule: `people_classes` (classes the training photos show with people) and `no_people_threshold`,
 the lowest of its grid at which at most `--max-wrong-no-people` of the val photos it fires on have people
 in their references. The words that rule bans are `corpus_people_words`: a hand-made seed plus every word
 the training captions use as a noun for a person by WordNet ("hiker", "spectator"), so WordNet 3.0 must
@@ -51,8 +52,10 @@ from imcap.generation import CaptionOptions
 from imcap.guidance import GuidanceSettings, Guide, no_people_mass
 from imcap.guidance_fit import (
     PEOPLE_WORDS,
+    acting_classes,
     corpus_people_words,
     generic_words,
+    living_verbs,
     named_people_classes,
     no_people_threshold,
     people_classes,
@@ -60,7 +63,7 @@ from imcap.guidance_fit import (
     subject_followers,
 )
 from imcap.metrics import score_captions
-from imcap.wordnet import read_noun_synsets
+from imcap.wordnet import read_noun_synsets, read_verbs
 
 NAME_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BAN_GRID = (0.01, 0.03, 0.1, 0.2, 0.3)
@@ -222,7 +225,8 @@ def unsaid_words(guide: Guide, train_probs: torch.Tensor, records: list, args, r
 def fitted_rules(
     captioner: Captioner, train_probs, train_records: list, val_probs, val_records: list, args, rows: list
 ) -> dict:
-    """subject_followers and the people rule, from the training captions (threshold on val)."""
+    """subject_followers, the people rule (threshold on val), generic words and the living verbs, from the
+    training captions and WordNet."""
     table = captioner.concepts
     captions = [c for r in train_records for c in r.captions]
     followers = subject_followers(captions, set(PEOPLE_WORDS) | set(table.words))
@@ -253,6 +257,8 @@ def fitted_rules(
         "people_classes": tuple(w for w, c in zip(table.wnids, classes.tolist(), strict=True) if c),
         "no_people_threshold": threshold,
         "generic_words": generic_words(table, read_noun_synsets()),
+        "living_verbs": living_verbs(captions, read_verbs()),
+        "acting_classes": acting_classes(table, read_noun_synsets()),
     }
 
 

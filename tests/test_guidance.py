@@ -11,6 +11,7 @@ from PIL import Image
 
 from imcap.captioner import Captioner
 from imcap.concepts import load_concept_table, mentions
+from imcap.engine import Decoded
 from imcap.generation import CaptionOptions
 from imcap.guidance import GuidanceSettings, Guide, Plan
 from imcap.modeling import load_model, save_model
@@ -130,6 +131,40 @@ def test_a_general_name_is_forced_only_when_no_table_word_is_sure(guide):
     assert "gorilla" not in guarded.guarded(plan) and "dog" in guarded.guarded(plan)  # the ape's names stay
 
 
+CLOCK = TABLE.wnids.index("n02708093")  # analog clock
+
+
+def test_things_that_do_not_act_do_not_play(guide):
+    settings = dataclasses.replace(
+        guide.settings,
+        living_verbs=("playing", "climbing"),
+        acting_classes=(TABLE.wnids[TABBY],),  # here the tabby acts, the clock does not
+        people_words=("man",),
+        no_people_threshold=0.5,  # no people classes: every sure class rules people out
+    )
+    rule = Guide(TABLE, settings, guide.tokenizer)
+    [plan] = rule.plans(probs(clock=0.9))
+    assert rule.rewrite_word(plan, "A clock is playing with a white toy.") == "clock"
+    assert rule.misused_subject(plan, "Two clocks are climbing a rock.") == "clock"
+    assert rule.rewrite_word(plan, "A clock is hanging on a wall.") is None  # things hang
+    assert rule.rewrite_word(plan, "A man is playing with a clock.") is None  # the man plays
+    assert rule.rewrite_word(plan, "A man is playing.") == "clock"  # the naming rule: the clock is missing
+    plan.required = ("clock",)
+    assert plan.no_people and rule.placement(plan) == "start"  # the clock is the subject
+    assert {"playing", "climbing"} <= set(rule.guarded(plan))  # nor may a rewrite about it play
+    plan.no_people = False  # where people may be, the clock goes wherever it fits and people may play
+    assert rule.placement(plan) == "anywhere" and "playing" not in rule.guarded(plan)
+    [plan] = rule.plans(probs(tabby=0.9))
+    assert rule.placement(plan) == "start"  # nothing required yet
+    assert rule.rewrite_word(plan, "A cat is playing with a toy.") is None  # a cat plays
+    plan.required = ("cat",)
+    assert "playing" not in rule.guarded(plan) and rule.placement(plan) == "start"
+    [plan] = guide.plans(probs(clock=0.9))  # no living_verbs: the rule is off
+    assert guide.rewrite_word(plan, "A clock is playing with a white toy.") is None
+    with pytest.raises(ValueError, match="acting_classes"):
+        Guide(TABLE, dataclasses.replace(settings, acting_classes=("n00000000",)), guide.tokenizer)
+
+
 def test_settings_round_trip(tmp_path):
     settings = GuidanceSettings(
         0.6,
@@ -143,6 +178,8 @@ def test_settings_round_trip(tmp_path):
         people_classes=("n04228054",),
         no_people_threshold=0.8,
         generic_words=("reptile", "ape"),
+        living_verbs=("playing",),
+        acting_classes=("n02123045",),
         chosen_on="val",
     )
     settings.save(tmp_path)
@@ -190,6 +227,25 @@ def test_captioner_names_the_confident_concept(cat_model_dir, placement):
             assert after.caption.startswith("A cat")
         if mentions(before.caption, ("cat",)) and not mentions(before.caption, ("dog",)):
             assert after.caption == before.caption  # nothing to change: the unguided tokens stay
+
+
+def test_a_rewrite_that_does_not_name_the_word_keeps_the_first_caption(cat_model_dir, monkeypatch):
+    captioner = Captioner.from_pretrained(cat_model_dir)
+    captioner.guide = Guide(TABLE, GuidanceSettings(0.5), captioner.loaded.tokenizer)
+    pictures = noise(3)
+    options = CaptionOptions(max_new_tokens=10)
+    first = [r.caption for r in captioner(pictures, CaptionOptions(guide=False, max_new_tokens=10))]
+    assert not any(mentions(c, ("cat",)) for c in first)  # so guidance rewrites all three
+
+    def rewrite_to(text):
+        tokens = captioner.loaded.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        return lambda hidden, config, plans: [[Decoded(tokens, -1.0)] for _ in plans]
+
+    # constrained beam search ran out of length without the word (it rambles then): nothing changes
+    monkeypatch.setattr(captioner, "_rewrite", rewrite_to("a man is sitting on a bench in a park"))
+    assert [r.caption for r in captioner(pictures, options)] == first
+    monkeypatch.setattr(captioner, "_rewrite", rewrite_to("a cat is sitting on a bench"))
+    assert all(r.caption.startswith("A cat is sitting on a bench") for r in captioner(pictures, options))
 
 
 def test_guide_false_and_models_without_a_head_decode_unguided(cat_model_dir, tiny_model_dir):

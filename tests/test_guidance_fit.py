@@ -113,3 +113,68 @@ def test_generic_words_are_everyday_names_of_animal_food_and_plant_categories():
     assert "obstruction" not in words and "utensil" not in words  # artifact categories are not named so
     # the shipped guidance falls back to exactly these (scripts/choose_guidance.py fits them)
     assert GuidanceSettings.load(DEFAULT_MODEL_DIR).generic_words == words
+
+
+def wordnet_or_skip():
+    from imcap.wordnet import read_noun_synsets, read_verbs
+
+    try:
+        return read_noun_synsets(), read_verbs()
+    except FileNotFoundError:
+        pytest.skip("WordNet 3.0 is not installed (Debian wordnet-base)")
+
+
+def test_verbs_know_their_participles_and_usual_frames():
+    _, verbs = wordnet_or_skip()
+    participles = ("riding", "sitting", "lying", "playing")
+    assert [verbs.lemma(w) for w in participles] == ["ride", "sit", "lie", "play"]
+    assert verbs.lemma("zzzing") is None
+    assert 4 in verbs.usual_frames("sit")  # "Something is sitting PP": a cup sits on a table
+    assert not verbs.usual_frames("play") & {3, 4}  # somebody plays
+    assert verbs.usual_frames("no such verb") == frozenset()
+
+
+def test_living_verbs_are_what_wordnet_lets_no_thing_do_in_the_progressive():
+    from imcap.guidance_fit import living_verbs
+
+    _, verbs = wordnet_or_skip()
+    captions = [
+        *["A dog is playing with a ball ."] * 3,
+        *["A boy is climbing a rock ."] * 3,
+        *["A cup is sitting on a table ."] * 3,
+        *["A man in front of a building ."] * 3,  # a noun, never "is building"
+        *["A girl on a swing ."] * 3,  # no participle
+        "A man is eating .",  # too rare
+    ]
+    assert living_verbs(captions, verbs, min_count=3) == ("playing", "climbing")
+
+
+def test_acting_classes_are_animals_people_and_vehicles():
+    from imcap.guidance import GuidanceSettings
+    from imcap.guidance_fit import acting_classes
+    from imcap.modeling import DEFAULT_MODEL_DIR
+
+    wordnet, _ = wordnet_or_skip()
+    table = load_concept_table()
+    acting = set(acting_classes(table, wordnet))
+    # tabby, Siberian husky, groom, sports car, canoe, airliner act
+    assert {"n02123045", "n02110185", "n10148035", "n04285008", "n02951358", "n02690373"} <= acting
+    # analog clock, cheeseburger, mushroom, acoustic guitar do not
+    assert not {"n02708093", "n07697313", "n07734744", "n02676566"} & acting
+    shipped = GuidanceSettings.load(DEFAULT_MODEL_DIR).acting_classes
+    assert shipped == tuple(sorted(acting, key=table.wnids.index))
+
+
+def test_shipped_living_verbs_are_fitted_on_the_training_captions(flickr8k):
+    from imcap.guidance import GuidanceSettings
+    from imcap.guidance_fit import living_verbs
+    from imcap.modeling import DEFAULT_MODEL_DIR
+
+    _, verbs = wordnet_or_skip()
+    train = set((flickr8k / "splits" / "train.txt").read_text().split())
+    rows = (line.split("\t") for line in (flickr8k / "captions.tsv").read_text().splitlines())
+    captions = [row[2] for row in rows if row[0] in train]
+    fitted = living_verbs(captions, verbs)
+    assert {"playing", "climbing", "eating", "riding"} <= set(fitted)
+    assert not {"sitting", "standing", "hanging", "flying", "lying", "building"} & set(fitted)
+    assert GuidanceSettings.load(DEFAULT_MODEL_DIR).living_verbs == fitted

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import VisionEncoderDecoderModel
 from transformers.modeling_outputs import BaseModelOutput
 
-from imcap.concepts import ConceptTable, load_concept_table
+from imcap.concepts import ConceptTable, load_concept_table, mentions
 from imcap.engine import Decoded, Encoded, Engine, EngineOptions
 from imcap.families import ProcessorInputs, caption_text, check_prompt, one_by_one, prepare
 from imcap.generation import CaptionOptions, check_fits, generation_config
@@ -191,25 +191,42 @@ class Captioner:
         per_image = self.engine.decode(encoded.hidden, config, self._bans([p.banned for p in plans]))
         for row, plan in enumerate(plans):
             best = self.loaded.tokenizer.decode(per_image[row][0].tokens, skip_special_tokens=True)
-            missing = self.guide.missing_word(plan, best)
+            missing = self.guide.rewrite_word(plan, best)
             plan.required = (missing,) if missing else ()
         rows = [i for i, plan in enumerate(plans) if plan.required]
         if rows:
             decoded = self._rewrite(encoded.hidden[rows], config, [plans[r] for r in rows])
             for row, candidates in zip(rows, decoded, strict=True):
-                per_image[row] = candidates
+                # constrained beam search may run out of length before the decoder will say the word
+                # (it then rambles to the limit): the first caption stays
+                text = self.loaded.tokenizer.decode(candidates[0].tokens, skip_special_tokens=True)
+                if mentions(text, self.guide.names(plans[row].required[0])):
+                    per_image[row] = candidates
         return per_image
 
     def _rewrite(self, hidden: torch.Tensor, config, plans: list[Plan]) -> list[list[Decoded]]:
-        """Decode again so that each caption names its plan's required words (GuidanceSettings.placement),
-        with the guard's words ruled out."""
+        """Decode again so that each caption names its plan's required words, where the guide places them
+        (Guide.placement), with the guard's words ruled out."""
+        results: list[list[Decoded]] = [[] for _ in plans]
+        placements = _group_by([self.guide.placement(plan) for plan in plans], lambda placement: placement)
+        for placement, rows in placements.items():
+            decode = self._rewrite_subjects if placement == "start" else self._rewrite_anywhere
+            decoded = decode(hidden[rows], config, [plans[r] for r in rows])
+            for row, candidates in zip(rows, decoded, strict=True):
+                results[row] = candidates
+        return results
+
+    def _rewrite_subjects(self, hidden: torch.Tensor, config, plans: list[Plan]) -> list[list[Decoded]]:
+        """Each caption starts with its word ("a cat ..."): one prefixed beam search, bans per image."""
         guarded = [self.guide.guarded(plan) for plan in plans]
-        if self.guide.settings.placement == "start":
-            prefixes = [self.guide.prefix(plan.required[0]) for plan in plans]
-            return self.engine.decode_prefixed(
-                hidden, config, prefixes, self.guide.after_subject, self._bans(guarded)
-            )
-        # constrained beam search takes one list of banned words per call: one call per list
+        prefixes = [self.guide.prefix(plan.required[0]) for plan in plans]
+        return self.engine.decode_prefixed(
+            hidden, config, prefixes, self.guide.after_subject, self._bans(guarded)
+        )
+
+    def _rewrite_anywhere(self, hidden: torch.Tensor, config, plans: list[Plan]) -> list[list[Decoded]]:
+        """Constrained beam search places each word; it takes one list of banned words per call."""
+        guarded = [self.guide.guarded(plan) for plan in plans]
         results: list[list[Decoded]] = [[] for _ in plans]
         for banned, rows in _group_by(guarded, lambda words: words).items():
             constraints = [[self.guide.constraint(w) for w in plans[r].required] for r in rows]

@@ -23,6 +23,12 @@ chosen on Flickr8k val (`scripts/choose_guidance.py`) and saved with the model (
   a crocodile at 0.39 and 0.34, "ape" over a gorilla and a chimpanzee), the caption names that instead of
   inventing a Flickr8k subject ("a black bird is playing in the water"); the most specific such word
   (fewest classes) wins.
+- **things do not play**: when the head is sure of a thing that does not act (`acting_classes` are
+  animals, people and vehicles; a clock, a burger and a mushroom do not), the caption may not have the
+  thing do what only the living do (`living_verbs`: "playing", "climbing", "eating"). An unguided caption
+  that makes it "play with a toy" is decoded again too. Where the head rules people out, the thing is the
+  rewritten caption's subject and those verbs are banned; where people may be, constrained beam search puts
+  the word wherever it fits ("a man is climbing a cliff", not "a cliff is climbing a rock");
 - **the named thing stays the subject**: with placement "start", the word after "a zebra" must be one
   that captions put after their subject (`subject_followers`: "is", "in", "with", "running"...), not
   "man" ("a zebra man is sitting on a tree").
@@ -40,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from imcap.concepts import ConceptTable, load_concept_table, mentions, word_forms
+from imcap.concepts import ConceptTable, load_concept_table, mentions, tokens, word_forms
 from imcap.guided import Constraint, word_continuations
 
 GUIDANCE_FILE = "guidance.json"
@@ -80,6 +86,11 @@ class GuidanceSettings:
     # hypernyms the naming rule falls back to when no table word is sure (imcap.guidance_fit.generic_words:
     # everyday names of animal, plant and food categories, "reptile", "ape", "parrot"). Empty: off
     generic_words: tuple[str, ...] = ()
+    # what only living things do ("playing", "climbing", "eating": imcap.guidance_fit.living_verbs) and the
+    # classes that act (animals, people, vehicles: imcap.guidance_fit.acting_classes): a sure subject that
+    # does not act may not do these. Empty: off
+    living_verbs: tuple[str, ...] = ()
+    acting_classes: tuple[str, ...] = ()
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
     def __post_init__(self):
@@ -102,6 +113,8 @@ class GuidanceSettings:
             "people_words",
             "people_classes",
             "generic_words",
+            "living_verbs",
+            "acting_classes",
         )
         lists = {key: tuple(raw.get(key, ())) for key in keys}
         return cls(**{**raw, **lists})
@@ -115,6 +128,7 @@ class Plan:
     """What guidance asks of one image's caption."""
 
     banned: tuple[str, ...] = ()  # words it must not contain
+    no_people: bool = False  # the head rules people out (GuidanceSettings.no_people_threshold)
     required: tuple[str, ...] = ()  # words it must contain (set after the unguided pass)
     word_probs: dict[str, float] = field(default_factory=dict, repr=False)
     generic_probs: dict[str, float] = field(default_factory=dict, repr=False)  # settings.generic_words
@@ -148,6 +162,7 @@ class Guide:
         if unknown:
             raise ValueError(f"guidance.json: people_classes {unknown[:3]} are not classes of {table.name}")
         self._people_classes[[table.wnids.index(w) for w in settings.people_classes]] = True
+        self._inert, self._acting_names = self._inert_words(table, settings)
         # tokens that would glue onto a forced word (" zebra" -> " zebrack"): the search keeps them off it
         self.word_continuations = word_continuations(tokenizer)
         # after a forced subject (placement "start"), also every token that is no subject follower
@@ -155,6 +170,25 @@ class Guide:
         if settings.subject_followers:
             allowed = self._one_token_words(settings.subject_followers)
             self.after_subject = self.after_subject | (frozenset(range(len(tokenizer))) - allowed)
+
+    def _inert_words(
+        self, table: ConceptTable, settings: GuidanceSettings
+    ) -> tuple[frozenset[str], tuple[str, ...]]:
+        """The table and generic words none of whose classes acts, and every name of something that does
+        (people words, and the names compatible with words that cover an acting class); both empty when
+        the rule is off (no `living_verbs`)."""
+        if not settings.living_verbs:
+            return frozenset(), ()
+        unknown = sorted(set(settings.acting_classes) - set(table.wnids))
+        if unknown:
+            raise ValueError(f"guidance.json: acting_classes {unknown[:3]} are not classes of {table.name}")
+        acting = torch.zeros(len(table))
+        acting[[table.wnids.index(w) for w in settings.acting_classes]] = 1.0
+        words = [*self.words, *self.generic_words]
+        acts = (torch.cat([self._names, self._generic_names]) @ acting > 0).tolist()
+        inert = frozenset(word for word, word_acts in zip(words, acts, strict=True) if not word_acts)
+        acting_names = {name for word in words if word not in inert for name in self._compatible[word]}
+        return inert, tuple(sorted(acting_names | set(settings.people_words)))
 
     @functools.cached_property
     def _one_token_names(self) -> set[str]:
@@ -191,7 +225,9 @@ class Guide:
             if people_unlikely:
                 banned += self.settings.people_words
             generic = dict(zip(self.generic_words, generic_row, strict=True))
-            plans.append(Plan(banned=banned, word_probs=probs, generic_probs=generic))
+            plans.append(
+                Plan(banned=banned, no_people=people_unlikely, word_probs=probs, generic_probs=generic)
+            )
         return plans
 
     def no_people(self, concept_probs: torch.Tensor) -> torch.Tensor:
@@ -206,24 +242,58 @@ class Guide:
         """The most probable word over `name_threshold` that the caption does not name, if any (words
         captions do not say, `unsaid_words`, are passed over). When no word is that sure, the most
         specific of `generic_words` that is (fewest classes, then most probable)."""
+        word = self._sure_word(plan)
+        return None if word is None or mentions(caption, self._compatible[word]) else word
+
+    def misused_subject(self, plan: Plan, caption: str) -> str | None:
+        """The sure word, when it does not act and the caption has it do what only the living do ("a clock
+        is playing with a toy"): the words before the caption's first living verb name it and nothing
+        that acts (so "a man is playing a guitar" stays)."""
+        word = self._sure_word(plan)
+        if word is None or word not in self._inert:
+            return None
+        words = tokens(caption)
+        verb_at = next((i for i, w in enumerate(words) if w in self.settings.living_verbs), None)
+        if verb_at is None:
+            return None
+        subject = " ".join(words[:verb_at])
+        if mentions(subject, self._compatible[word]) and not mentions(subject, self._acting_names):
+            return word
+        return None
+
+    def placement(self, plan: Plan) -> str:
+        """Where the rewrite puts the plan's word: `placement`, but "anywhere" for a thing that does not act
+        where people may be (the head does not rule them out): a photo of a cliff with people on it is
+        "a man is climbing a cliff", not "a cliff is climbing a rock"."""
+        inert = any(word in self._inert for word in plan.required)
+        return "anywhere" if inert and not plan.no_people else self.settings.placement
+
+    def rewrite_word(self, plan: Plan, caption: str) -> str | None:
+        """The word to decode the caption again about, if any: one it misses, or a misused subject."""
+        return self.missing_word(plan, caption) or self.misused_subject(plan, caption)
+
+    def _sure_word(self, plan: Plan) -> str | None:
+        """The most probable table word at `name_threshold` or over (`unsaid_words` passed over); when none
+        is, the most specific sure one of `generic_words` (fewest classes, then most probable)."""
         threshold = self.settings.name_threshold
         said = {w: p for w, p in plan.word_probs.items() if w not in self.settings.unsaid_words}
         word, prob = max(said.items(), key=lambda item: item[1])
-        if prob < threshold:
-            sure = [(self._generic_size[w], -p, w) for w, p in plan.generic_probs.items() if p >= threshold]
-            if not sure:
-                return None
-            word = min(sure)[2]
-        return None if mentions(caption, self._compatible[word]) else word
+        if prob >= threshold:
+            return word
+        sure = [(self._generic_size[w], -p, w) for w, p in plan.generic_probs.items() if p >= threshold]
+        return min(sure)[2] if sure else None
 
     def names(self, word: str) -> tuple[str, ...]:
         """Every name compatible with a table or generic word: its own, its classes' names and hypernyms."""
         return self._compatible[word]
 
     def guarded(self, plan: Plan) -> tuple[str, ...]:
-        """The words a rewritten caption must not use: the plan's bans, plus (with a guard threshold) every
-        word of the table the classifier gives less than it, but for those compatible with the named one."""
+        """The words a rewritten caption must not use: the plan's bans, the living verbs when the named word
+        does not act and is the subject, plus (with a guard threshold) every word of the table the
+        classifier gives less than it, but for those compatible with the named one."""
         banned = set(plan.banned) | set(self.settings.rewrite_ban_words)
+        if self.placement(plan) == "start" and any(word in self._inert for word in plan.required):
+            banned |= set(self.settings.living_verbs)
         if not self.settings.guard_threshold:
             return tuple(sorted(banned))
         likely = [w for w, p in plan.word_probs.items() if p >= self.settings.guard_threshold]

@@ -12,7 +12,11 @@ captions, what the rules need that the concept table cannot say:
   use as a noun for a person (WordNet says "hiker", "cyclist", "spectator" are people; the captions
   say which of WordNet's thousands of person nouns come up, and as nouns: "white" is a person in WordNet);
 - `generic_words`: the categories naming falls back to when no single word is sure ("reptile", "ape"),
-  from WordNet alone.
+  from WordNet alone;
+- `living_verbs` and `acting_classes`: what only living things do ("playing", "climbing", "eating": the
+  usual meaning of the verb takes no thing as its subject in WordNet's sentence frames), and the classes
+  that may do it (animals, people, and the vehicles that carry them: a car races), so that a named clock
+  does not "play with a toy".
 """
 
 from __future__ import annotations
@@ -23,9 +27,16 @@ from collections.abc import Collection, Iterable, Sequence
 import torch
 
 from imcap.concepts import mentions, tokens, word_forms
-from imcap.wordnet import WordNet
+from imcap.wordnet import Verbs, WordNet
 
 PERSON = "n00007846"  # WordNet's person, individual, someone, somebody, mortal, soul
+ANIMAL = "n00015388"  # animal, animate being, beast, brute, creature, fauna
+CONVEYANCE = "n03100490"  # conveyance, transport: vehicles, craft, and what else carries people
+# WordNet's two progressive verb frames, "It is ----ing" and "Something is ----ing PP": the pattern of a
+# caption about a thing ("a clock is hanging on a wall"). "Something ----s" alone is not enough: WordNet
+# gives it to run, jump and walk, because animals do them, and "a fence is jumping over a tree" is the
+# caption this rule is for
+THING_FRAMES = frozenset({3, 4})
 
 # words for a person, as captions say them (their plurals count too, see word_forms); collective nouns
 # ("crowd", "group") are left out: "a crowd of" makes "of" look like a word that follows subjects.
@@ -206,3 +217,40 @@ def generic_words(
         if all(wordnet.is_under(wordnet.synset(table.wnids[cls]), category) for cls in classes):
             found.append(name)
     return tuple(found)
+
+
+def living_verbs(
+    captions: Iterable[str], verbs: Verbs, min_count: int = 20, min_progressive: float = 0.1
+) -> tuple[str, ...]:
+    """The -ing words of `captions` that only a living subject does, most frequent first: present
+    participles ("swing" and "string" are not) seen at least `min_count` times, as verbs ("is/are playing"
+    at least `min_progressive` of the time: "a building", "a railing", "a wedding" are nouns), whose usual
+    WordNet meaning has no frame of THING_FRAMES ("play", "ride", "climb", "run", "eat"; but things sit,
+    stand, hang, fly, float and roll)."""
+    counts: Counter[str] = Counter()
+    progressive: Counter[str] = Counter()
+    for caption in captions:
+        words = tokens(caption)
+        for before, word in zip(["", *words], words, strict=False):
+            if word.endswith("ing"):
+                counts[word] += 1
+                progressive[word] += before in ("is", "are")
+    found = []
+    for word, count in counts.most_common():
+        if count < min_count:
+            break
+        lemma = verbs.lemma(word)
+        frames = verbs.usual_frames(lemma) if lemma and lemma != word else frozenset()
+        if frames and not frames & THING_FRAMES and progressive[word] >= min_progressive * count:
+            found.append(word)
+    return tuple(found)
+
+
+def acting_classes(table, wordnet: WordNet) -> tuple[str, ...]:
+    """The ImageNet ids of the table's classes that act: animals, people, and conveyances, which race,
+    drive and carry their people ("a yellow car is racing on a dirt track"; a plant or a mushroom no more
+    plays than a clock does)."""
+    acting = [wordnet.synset(up) for up in (ANIMAL, PERSON, CONVEYANCE)]
+    return tuple(
+        wnid for wnid in table.wnids if any(wordnet.is_under(wordnet.synset(wnid), up) for up in acting)
+    )

@@ -1,4 +1,4 @@
-"""A tiny reader for WordNet 3.0 nouns, straight from the database files (no nltk).
+"""A tiny reader for WordNet 3.0 nouns and verb frames, straight from the database files (no nltk).
 
 Only the concept-table builder (`scripts/build_concept_table.py`) and the naming benchmark
 (`benchmarks/bench_naming.py`) use it; captioning never does. Debian's `wordnet-base` package installs the
@@ -12,6 +12,11 @@ files under `/usr/share/wordnet`:
 ``cntlist.rev``
     ``sense_key sense_number tag_cnt``: how often each sense was tagged in the SemCor corpora, i.e. how
     common that meaning of the word is in running English.
+
+``data.verb``, ``index.verb``, ``verb.exc``
+    The same for verbs; after a verb synset's pointers come its sentence frames, ``f_cnt (+ f_num w_num)*``
+    ("Something ----s" is frame 1, "Somebody ----s" frame 2; w_num 00: every word of the synset), and
+    ``verb.exc`` maps irregular forms to their lemma ("running run").
 
 An ImageNet id ``nXXXXXXXX`` is the noun synset at byte offset ``XXXXXXXX`` of ``data.noun``.
 
@@ -28,10 +33,19 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["WORDNET_DIR", "Synset", "WordNet", "WordNetMissingError", "read_noun_synsets"]
+__all__ = [
+    "WORDNET_DIR",
+    "Synset",
+    "Verbs",
+    "WordNet",
+    "WordNetMissingError",
+    "read_noun_synsets",
+    "read_verbs",
+]
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 _NOUN_FILES = ("data.noun", "index.noun", "cntlist.rev")
+_VERB_FILES = ("data.verb", "index.verb", "verb.exc")
 _HYPERNYM_POINTERS = ("@", "@i")  # hypernym and instance hypernym
 _MARKER = re.compile(r"\((?:a|p|ip)\)$")  # adjective position markers; never on nouns in 3.0, but cheap
 _NOUN_SENSE_KEY = re.compile(r"^(?P<lemma>[^%]+)%1:(?P<lex_file>\d\d):(?P<lex_id>\d\d)::$")
@@ -124,17 +138,77 @@ class WordNet:
 def read_noun_synsets(folder: Path = WORDNET_DIR) -> WordNet:
     """Read WordNet 3.0's nouns from `folder` (about 2 s); raises WordNetMissingError when absent."""
     folder = Path(folder)
-    missing = [name for name in _NOUN_FILES if not (folder / name).is_file()]
-    if missing:
-        raise WordNetMissingError(
-            f"WordNet 3.0 not found ({folder / missing[0]} is missing): install it with "
-            "`apt-get install wordnet-base`"
-        )
+    _check_files(folder, _NOUN_FILES)
     return WordNet(
         _read_data(folder / "data.noun"),
         _read_index(folder / "index.noun"),
         _read_counts(folder / "cntlist.rev"),
     )
+
+
+def _check_files(folder: Path, names: tuple[str, ...]) -> None:
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise WordNetMissingError(
+            f"WordNet 3.0 not found ({folder / missing[0]} is missing): install it with "
+            "`apt-get install wordnet-base`"
+        )
+
+
+@dataclass(frozen=True)
+class Verbs:
+    """WordNet's verbs, as far as the sentence frames of their usual meaning."""
+
+    senses: dict[str, tuple[int, ...]]  # lemma -> verb synset offsets, most frequent sense first
+    frames: dict[tuple[int, str], frozenset[int]]  # (offset, lemma) -> the frames that lemma takes there
+    exceptions: dict[str, str]  # irregular form -> lemma ("lying" -> "lie", "running" -> "run")
+
+    def lemma(self, form: str) -> str | None:
+        """The verb a present participle belongs to ("riding" -> "ride", "sitting" -> "sit"), by
+        `verb.exc` and WordNet's own suffix rules for -ing; None when it is no verb WordNet knows."""
+        form = form.lower()
+        if form in self.exceptions:
+            return self.exceptions[form]
+        if form.endswith("ing"):
+            for stem in (form[:-3] + "e", form[:-3]):  # morphy's order: "riding" -> "ride" before "rid"
+                if stem in self.senses:
+                    return stem
+        return form if form in self.senses else None
+
+    def usual_frames(self, lemma: str) -> frozenset[int]:
+        """The frame numbers of the lemma's most frequent sense (empty for an unknown verb)."""
+        offsets = self.senses.get(lemma)
+        return self.frames.get((offsets[0], lemma), frozenset()) if offsets else frozenset()
+
+
+@functools.cache
+def read_verbs(folder: Path = WORDNET_DIR) -> Verbs:
+    """Read WordNet 3.0's verb senses and frames from `folder`; raises WordNetMissingError when absent."""
+    folder = Path(folder)
+    _check_files(folder, _VERB_FILES)
+    frames: dict[tuple[int, str], frozenset[int]] = {}
+    with (folder / "data.verb").open(encoding="utf-8") as lines:
+        for line in lines:
+            if not line.startswith(" "):
+                frames.update(_verb_frames(line))
+    with (folder / "verb.exc").open(encoding="utf-8") as lines:
+        exceptions = dict(line.split()[:2] for line in lines if line.strip())
+    return Verbs(_read_index(folder / "index.verb"), frames, exceptions)
+
+
+def _verb_frames(line: str) -> dict[tuple[int, str], frozenset[int]]:
+    """(offset, lemma) -> frames, for each word of one data.verb synset line."""
+    parts = line.partition(" | ")[0].split()
+    offset, word_count = int(parts[0]), int(parts[3], 16)
+    words = [_lemma_key(word) for word in parts[4 : 4 + 2 * word_count : 2]]
+    pointer_start = 4 + 2 * word_count
+    frame_start = pointer_start + 1 + 4 * int(parts[pointer_start])
+    per_word: dict[int, set[int]] = {i: set() for i in range(word_count)}
+    for i in range(int(parts[frame_start])):
+        frame, word = int(parts[frame_start + 2 + 3 * i]), int(parts[frame_start + 3 + 3 * i], 16)
+        for index in range(word_count) if word == 0 else (word - 1,):
+            per_word[index].add(frame)
+    return {(offset, words[i]): frozenset(found) for i, found in per_word.items()}
 
 
 def _read_data(path: Path) -> dict[int, Synset]:
