@@ -4,7 +4,7 @@
     python benchmarks/bench_naming.py --data ../shared/datasets/imagenet-sample --no-guide   # unguided
 
 Every photo of the sample (`labels.tsv`: file, index, wnid, name) is captioned with the model and default
-`CaptionOptions()` (`guide=False` with --no-guide). Two scores, both from WordNet 3.0 directly rather than
+`CaptionOptions()` (`guide=False` with --no-guide). The scores come from WordNet 3.0 directly rather than
 from the shipped concept table (imcap.concepts), so the benchmark does not grade the table by itself:
 
 - named: the caption contains, as whole words (plural too, `imcap.concepts.mentions`), a lemma of the

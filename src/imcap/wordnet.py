@@ -1,6 +1,7 @@
 """A tiny reader for WordNet 3.0 nouns and verb frames, straight from the database files (no nltk).
 
-Only the concept-table builder (`scripts/build_concept_table.py`) and the naming benchmark
+Only the concept-table builder (`scripts/build_concept_table.py`), guidance fitting
+(`imcap.guidance_fit`, run by `scripts/choose_guidance.py`) and the naming benchmark
 (`benchmarks/bench_naming.py`) use it; captioning never does. Debian's `wordnet-base` package installs the
 files under `/usr/share/wordnet`:
 
