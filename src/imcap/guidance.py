@@ -163,6 +163,7 @@ class Guide:
             raise ValueError(f"guidance.json: people_classes {unknown[:3]} are not classes of {table.name}")
         self._people_classes[[table.wnids.index(w) for w in settings.people_classes]] = True
         self._inert, self._acting_names = self._inert_words(table, settings)
+        self._living_verbs = frozenset(settings.living_verbs)
         # tokens that would glue onto a forced word (" zebra" -> " zebrack"): the search keeps them off it
         self.word_continuations = word_continuations(tokenizer)
         # after a forced subject (placement "start"), also every token that is no subject follower
@@ -242,18 +243,33 @@ class Guide:
         """The most probable word over `name_threshold` that the caption does not name, if any (words
         captions do not say, `unsaid_words`, are passed over). When no word is that sure, the most
         specific of `generic_words` that is (fewest classes, then most probable)."""
-        word = self._sure_word(plan)
-        return None if word is None or mentions(caption, self._compatible[word]) else word
+        return self._missing(self._sure_word(plan), caption)
 
     def misused_subject(self, plan: Plan, caption: str) -> str | None:
         """The sure word, when it does not act and the caption has it do what only the living do ("a clock
         is playing with a toy"): the words before the caption's first living verb name it and nothing
         that acts (so "a man is playing a guitar" stays)."""
+        return self._misused(self._sure_word(plan), caption)
+
+    def placement(self, plan: Plan) -> str:
+        """Where the rewrite puts the plan's word: `placement`, but "anywhere" for a thing that does not act
+        where people may be (the head does not rule them out): a photo of a cliff with people on it is
+        "a man is climbing a cliff", not "a cliff is climbing a rock"."""
+        return "anywhere" if self._names_inert(plan) and not plan.no_people else self.settings.placement
+
+    def rewrite_word(self, plan: Plan, caption: str) -> str | None:
+        """The word to decode the caption again about, if any: one it misses, or a misused subject."""
         word = self._sure_word(plan)
+        return self._missing(word, caption) or self._misused(word, caption)
+
+    def _missing(self, word: str | None, caption: str) -> str | None:
+        return None if word is None or mentions(caption, self._compatible[word]) else word
+
+    def _misused(self, word: str | None, caption: str) -> str | None:
         if word is None or word not in self._inert:
             return None
         words = tokens(caption)
-        verb_at = next((i for i, w in enumerate(words) if w in self.settings.living_verbs), None)
+        verb_at = next((i for i, w in enumerate(words) if w in self._living_verbs), None)
         if verb_at is None:
             return None
         subject = " ".join(words[:verb_at])
@@ -261,16 +277,9 @@ class Guide:
             return word
         return None
 
-    def placement(self, plan: Plan) -> str:
-        """Where the rewrite puts the plan's word: `placement`, but "anywhere" for a thing that does not act
-        where people may be (the head does not rule them out): a photo of a cliff with people on it is
-        "a man is climbing a cliff", not "a cliff is climbing a rock"."""
-        inert = any(word in self._inert for word in plan.required)
-        return "anywhere" if inert and not plan.no_people else self.settings.placement
-
-    def rewrite_word(self, plan: Plan, caption: str) -> str | None:
-        """The word to decode the caption again about, if any: one it misses, or a misused subject."""
-        return self.missing_word(plan, caption) or self.misused_subject(plan, caption)
+    def _names_inert(self, plan: Plan) -> bool:
+        """Whether the plan requires a word for a thing that does not act."""
+        return any(word in self._inert for word in plan.required)
 
     def _sure_word(self, plan: Plan) -> str | None:
         """The most probable table word at `name_threshold` or over (`unsaid_words` passed over); when none
@@ -292,8 +301,8 @@ class Guide:
         does not act and is the subject, plus (with a guard threshold) every word of the table the
         classifier gives less than it, but for those compatible with the named one."""
         banned = set(plan.banned) | set(self.settings.rewrite_ban_words)
-        if self.placement(plan) == "start" and any(word in self._inert for word in plan.required):
-            banned |= set(self.settings.living_verbs)
+        if self._names_inert(plan) and self.placement(plan) == "start":
+            banned |= self._living_verbs
         if not self.settings.guard_threshold:
             return tuple(sorted(banned))
         likely = [w for w, p in plan.word_probs.items() if p >= self.settings.guard_threshold]
