@@ -51,6 +51,7 @@ from imcap.data import load_records
 from imcap.generation import CaptionOptions
 from imcap.guidance import GuidanceSettings, Guide, no_people_mass
 from imcap.guidance_fit import (
+    PEOPLE_EVIDENT_THRESHOLD,
     PEOPLE_WORDS,
     acting_classes,
     corpus_people_words,
@@ -59,6 +60,7 @@ from imcap.guidance_fit import (
     named_people_classes,
     no_people_threshold,
     people_classes,
+    people_evident_classes,
     shows_people,
     subject_followers,
 )
@@ -241,6 +243,9 @@ def fitted_rules(
     threshold = no_people_threshold(mass, val_people, args.max_wrong_no_people)
     fires = (mass >= threshold) & (threshold > 0)  # 0: the rule stays off
     wrong = sum(f and p for f, p in zip(fires.tolist(), val_people, strict=True))
+    evident = people_evident_classes(train_probs, [shows_people(r.captions) for r in train_records], table)
+    seen = (val_probs.float()[:, evident].sum(dim=-1) >= PEOPLE_EVIDENT_THRESHOLD).tolist()
+    seen_right = sum(f and p for f, p in zip(seen, val_people, strict=True))
     rows.append(
         {
             "setting": "people rule",
@@ -249,6 +254,10 @@ def fitted_rules(
             "no_people_threshold": threshold,
             "val_fires": int(fires.sum()),
             "val_fires_on_people": wrong,
+            "people_evident_classes": int(evident.sum()),
+            "val_people_evident": sum(seen),
+            "val_people_evident_with_people": seen_right,
+            "val_with_people": sum(val_people),
         }
     )
     return {
@@ -259,6 +268,8 @@ def fitted_rules(
         "generic_words": generic_words(table, read_noun_synsets()),
         "living_verbs": living_verbs(captions, read_verbs()),
         "acting_classes": acting_classes(table, read_noun_synsets()),
+        "people_evident_classes": tuple(w for w, c in zip(table.wnids, evident.tolist(), strict=True) if c),
+        "people_evident_threshold": PEOPLE_EVIDENT_THRESHOLD,
     }
 
 

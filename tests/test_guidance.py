@@ -141,6 +141,8 @@ def test_things_that_do_not_act_do_not_play(guide):
         acting_classes=(TABLE.wnids[TABBY],),  # here the tabby acts, the clock does not
         people_words=("man",),
         no_people_threshold=0.5,  # no people classes: every sure class rules people out
+        people_evident_classes=(TABLE.wnids[TABBY],),  # here a tabby is a sign of people
+        people_evident_threshold=0.3,
     )
     rule = Guide(TABLE, settings, guide.tokenizer)
     [plan] = rule.plans(probs(clock=0.9))
@@ -152,8 +154,14 @@ def test_things_that_do_not_act_do_not_play(guide):
     plan.required = ("clock",)
     assert plan.no_people and rule.placement(plan) == "start"  # the clock is the subject
     assert {"playing", "climbing"} <= set(rule.guarded(plan))  # nor may a rewrite about it play
-    plan.no_people = False  # where people may be, the clock goes wherever it fits and people may play
+    plan.no_people = False  # people not ruled out is not enough: the rewrite would keep invented ones
+    assert rule.placement(plan) == "start" and "playing" in rule.guarded(plan)
+    [plan] = rule.plans(probs(clock=0.6, tabby=0.35))  # where the head sees people, the clock goes
+    plan.required = ("clock",)  # wherever it fits, and people may play
+    assert plan.people_evident and not rule.plans(probs(clock=0.9))[0].people_evident
     assert rule.placement(plan) == "anywhere" and "playing" not in rule.guarded(plan)
+    off = Guide(TABLE, dataclasses.replace(settings, people_evident_threshold=0.0), guide.tokenizer)
+    assert not off.plans(probs(clock=0.6, tabby=0.35))[0].people_evident  # 0: the rule is off
     [plan] = rule.plans(probs(tabby=0.9))
     assert rule.placement(plan) == "start"  # nothing required yet
     assert rule.rewrite_word(plan, "A cat is playing with a toy.") is None  # a cat plays
@@ -163,6 +171,8 @@ def test_things_that_do_not_act_do_not_play(guide):
     assert guide.rewrite_word(plan, "A clock is playing with a white toy.") is None
     with pytest.raises(ValueError, match="acting_classes"):
         Guide(TABLE, dataclasses.replace(settings, acting_classes=("n00000000",)), guide.tokenizer)
+    with pytest.raises(ValueError, match="people_evident_classes"):
+        Guide(TABLE, dataclasses.replace(settings, people_evident_classes=("n00000000",)), guide.tokenizer)
 
 
 def test_settings_round_trip(tmp_path):
@@ -180,6 +190,8 @@ def test_settings_round_trip(tmp_path):
         generic_words=("reptile", "ape"),
         living_verbs=("playing",),
         acting_classes=("n02123045",),
+        people_evident_classes=("n04228054",),
+        people_evident_threshold=0.3,
         chosen_on="val",
     )
     settings.save(tmp_path)

@@ -10,6 +10,7 @@ from imcap.guidance_fit import (
     named_people_classes,
     no_people_threshold,
     people_classes,
+    people_evident_classes,
     shows_people,
     subject_followers,
 )
@@ -43,6 +44,19 @@ def test_people_classes_are_top_classes_of_photos_with_people():
     classes = people_classes(probs, with_people, sure=0.3, max_share=0.5)
     assert classes.nonzero().flatten().tolist() == [5]
     assert people_classes(probs, with_people, sure=0.1, max_share=0.5).nonzero().flatten().tolist() == [5, 9]
+    assert not people_classes(probs, with_people, sure=0.3, max_share=0.5, min_seen=4).any()  # seen 3 times
+
+
+def test_people_evident_classes_are_mostly_seen_with_people_or_people_themselves():
+    table = load_concept_table()
+    probs = torch.zeros(10, 1000)
+    probs[0:4, 5] = 0.9  # class 5: top on four photos, three with people
+    probs[4:8, 7] = 0.9  # class 7: top on four photos, one with people
+    probs[8:10, 9] = 0.9  # class 9: top on two photos, both with people: too few to tell
+    with_people = [True, True, True, False, True, False, False, False, True, True]
+    evident = people_evident_classes(probs, with_people, table)
+    scuba_diver = table.wnids.index("n10565667")
+    assert evident[5] and not evident[7] and not evident[9] and evident[scuba_diver]
 
 
 def test_named_people_classes_are_the_people_of_imagenet():

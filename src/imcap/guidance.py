@@ -26,9 +26,10 @@ chosen on Flickr8k val (`scripts/choose_guidance.py`) and saved with the model (
 - **things do not play**: when the head is sure of a thing that does not act (`acting_classes` are
   animals, people and vehicles; a clock, a burger and a mushroom do not), the caption may not have the
   thing do what only the living do (`living_verbs`: "playing", "climbing", "eating"). An unguided caption
-  that makes it "play with a toy" is decoded again too. Where the head rules people out, the thing is the
-  rewritten caption's subject and those verbs are banned; where people may be, constrained beam search puts
-  the word wherever it fits ("a man is climbing a cliff", not "a cliff is climbing a rock");
+  that makes it "play with a toy" is decoded again too, with the thing as subject and those verbs
+  banned; only where the head sees people (`people_evident_classes`: ski, swing, cliff...) does
+  constrained beam search put the word wherever it fits ("a man is climbing a cliff", not "a cliff is
+  climbing a rock"): elsewhere that kept the people the unguided caption had invented;
 - **the named thing stays the subject**: with placement "start", the word after "a zebra" must be one
   that captions put after their subject (`subject_followers`: "is", "in", "with", "running"...), not
   "man" ("a zebra man is sitting on a tree").
@@ -91,6 +92,13 @@ class GuidanceSettings:
     # does not act may not do these. Empty: off
     living_verbs: tuple[str, ...] = ()
     acting_classes: tuple[str, ...] = ()
+    # where people show (the head gives at least `people_evident_threshold` to `people_evident_classes`:
+    # classes the training photos mostly show with people, ski, swing, cliff, and ImageNet's own people),
+    # a thing that does not act is placed anywhere ("a man is climbing a cliff"); elsewhere it is the
+    # subject with the living verbs banned, so no people are invented for it ("a street sign is standing
+    # on a street", not "a group of people are standing on a street sign"). 0: never anywhere
+    people_evident_classes: tuple[str, ...] = ()
+    people_evident_threshold: float = 0.0
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
     def __post_init__(self):
@@ -115,6 +123,7 @@ class GuidanceSettings:
             "generic_words",
             "living_verbs",
             "acting_classes",
+            "people_evident_classes",
         )
         lists = {key: tuple(raw.get(key, ())) for key in keys}
         return cls(**{**raw, **lists})
@@ -129,6 +138,7 @@ class Plan:
 
     banned: tuple[str, ...] = ()  # words it must not contain
     no_people: bool = False  # the head rules people out (GuidanceSettings.no_people_threshold)
+    people_evident: bool = False  # the head sees people (GuidanceSettings.people_evident_threshold)
     required: tuple[str, ...] = ()  # words it must contain (set after the unguided pass)
     word_probs: dict[str, float] = field(default_factory=dict, repr=False)
     generic_probs: dict[str, float] = field(default_factory=dict, repr=False)  # settings.generic_words
@@ -157,11 +167,8 @@ class Guide:
             for cls in row.nonzero().flatten().tolist():
                 compatible[word].update({table.words[cls], *table.synonyms[cls]})
         self._compatible = {w: tuple(sorted(s)) for w, s in compatible.items()}
-        self._people_classes = torch.zeros(len(table), dtype=torch.bool)  # (1000,) True: seen with people
-        unknown = sorted(set(settings.people_classes) - set(table.wnids))
-        if unknown:
-            raise ValueError(f"guidance.json: people_classes {unknown[:3]} are not classes of {table.name}")
-        self._people_classes[[table.wnids.index(w) for w in settings.people_classes]] = True
+        self._people_classes = _class_mask(table, settings.people_classes, "people")  # seen with people
+        self._people_evident_classes = _class_mask(table, settings.people_evident_classes, "people_evident")
         self._inert, self._acting_names = self._inert_words(table, settings)
         self._living_verbs = frozenset(settings.living_verbs)
         # tokens that would glue onto a forced word (" zebra" -> " zebrack"): the search keeps them off it
@@ -215,9 +222,10 @@ class Guide:
         word_probs = self.word_probabilities(concept_probs)
         generic_probs = _summed(concept_probs, self._generic_names).tolist()
         no_people = self.no_people(concept_probs).tolist()
+        evident = self.people_evident(concept_probs).tolist()
         plans = []
-        for row, generic_row, people_unlikely in zip(
-            word_probs.tolist(), generic_probs, no_people, strict=True
+        for row, generic_row, people_unlikely, people_seen in zip(
+            word_probs.tolist(), generic_probs, no_people, evident, strict=True
         ):
             probs = dict(zip(self.words, row, strict=True))
             banned = tuple(
@@ -227,7 +235,13 @@ class Guide:
                 banned += self.settings.people_words
             generic = dict(zip(self.generic_words, generic_row, strict=True))
             plans.append(
-                Plan(banned=banned, no_people=people_unlikely, word_probs=probs, generic_probs=generic)
+                Plan(
+                    banned=banned,
+                    no_people=people_unlikely,
+                    people_evident=people_seen,
+                    word_probs=probs,
+                    generic_probs=generic,
+                )
             )
         return plans
 
@@ -238,6 +252,15 @@ class Guide:
         if threshold <= 0:  # off: every caption pays for this call, so skip the mass
             return torch.zeros(concept_probs.shape[0], dtype=torch.bool)
         return no_people_mass(concept_probs, self._people_classes) >= threshold
+
+    def people_evident(self, concept_probs: torch.Tensor) -> torch.Tensor:
+        """(B,) True where the head sees people: `people_evident_classes` hold at least
+        `people_evident_threshold` of the probability (never, when the threshold is 0)."""
+        threshold = self.settings.people_evident_threshold
+        if threshold <= 0:
+            return torch.zeros(concept_probs.shape[0], dtype=torch.bool)
+        mask = self._people_evident_classes.to(concept_probs.device)
+        return concept_probs.float()[:, mask].sum(dim=-1) >= threshold
 
     def missing_word(self, plan: Plan, caption: str) -> str | None:
         """The most probable word over `name_threshold` that the caption does not name, if any (words
@@ -253,9 +276,11 @@ class Guide:
 
     def placement(self, plan: Plan) -> str:
         """Where the rewrite puts the plan's word: `placement`, but "anywhere" for a thing that does not act
-        where people may be (the head does not rule them out): a photo of a cliff with people on it is
-        "a man is climbing a cliff", not "a cliff is climbing a rock"."""
-        return "anywhere" if self._names_inert(plan) and not plan.no_people else self.settings.placement
+        where the head sees people (`people_evident`): a photo of a cliff with people on it is "a man is
+        climbing a cliff", not "a cliff is climbing a rock". Elsewhere the thing stays the subject: placed
+        anywhere, it kept the people the unguided caption invented ("a group of people are standing on a
+        street sign")."""
+        return "anywhere" if self._names_inert(plan) and plan.people_evident else self.settings.placement
 
     def rewrite_word(self, plan: Plan, caption: str) -> str | None:
         """The word to decode the caption again about, if any: one it misses, or a misused subject."""
@@ -341,6 +366,16 @@ class Guide:
                 self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
             )
         return ids
+
+
+def _class_mask(table: ConceptTable, wnids: Sequence[str], what: str) -> torch.Tensor:
+    """(classes,) bool: True for the given ImageNet ids; ValueError (one line) for an id not in the table."""
+    unknown = sorted(set(wnids) - set(table.wnids))
+    if unknown:
+        raise ValueError(f"guidance.json: {what}_classes {unknown[:3]} are not classes of {table.name}")
+    mask = torch.zeros(len(table), dtype=torch.bool)
+    mask[[table.wnids.index(w) for w in wnids]] = True
+    return mask
 
 
 def _names_matrix(table: ConceptTable, words: Sequence[str]) -> torch.Tensor:
