@@ -251,7 +251,8 @@ def living_verbs(
                 counts[word] += 1
                 progressive[word] += before in ("is", "are")
     found = []
-    for word, count in counts.most_common():
+    # most frequent first, ties alphabetical: the same list whatever order the captions come in
+    for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         if count < min_count:
             break
         lemma = verbs.lemma(word)
