@@ -233,17 +233,17 @@ def fitted_rules(
     captions = [c for r in train_records for c in r.captions]
     followers = subject_followers(captions, set(PEOPLE_WORDS) | set(table.words))
     class_names = {name for names in table.synonyms for name in names} | set(table.words)
-    people_words = corpus_people_words(
-        [r.captions for r in train_records], read_noun_synsets(), followers, class_names
-    )
-    classes = people_classes(train_probs, [shows_people(r.captions) for r in train_records])
+    nouns = read_noun_synsets()  # about 2 s: read once for the three fits that need it
+    people_words = corpus_people_words([r.captions for r in train_records], nouns, followers, class_names)
+    train_people = [shows_people(r.captions) for r in train_records]
+    classes = people_classes(train_probs, train_people)
     classes |= named_people_classes(table)
     val_people = [shows_people(r.captions) for r in val_records]
     mass = no_people_mass(val_probs, classes)
     threshold = no_people_threshold(mass, val_people, args.max_wrong_no_people)
     fires = (mass >= threshold) & (threshold > 0)  # 0: the rule stays off
     wrong = sum(f and p for f, p in zip(fires.tolist(), val_people, strict=True))
-    evident = people_evident_classes(train_probs, [shows_people(r.captions) for r in train_records], table)
+    evident = people_evident_classes(train_probs, train_people, table)
     seen = (val_probs.float()[:, evident].sum(dim=-1) >= PEOPLE_EVIDENT_THRESHOLD).tolist()
     seen_right = sum(f and p for f, p in zip(seen, val_people, strict=True))
     rows.append(
@@ -265,9 +265,9 @@ def fitted_rules(
         "people_words": people_words,
         "people_classes": tuple(w for w, c in zip(table.wnids, classes.tolist(), strict=True) if c),
         "no_people_threshold": threshold,
-        "generic_words": generic_words(table, read_noun_synsets()),
+        "generic_words": generic_words(table, nouns),
         "living_verbs": living_verbs(captions, read_verbs()),
-        "acting_classes": acting_classes(table, read_noun_synsets()),
+        "acting_classes": acting_classes(table, nouns),
         "people_evident_classes": tuple(w for w, c in zip(table.wnids, evident.tolist(), strict=True) if c),
         "people_evident_threshold": PEOPLE_EVIDENT_THRESHOLD,
     }

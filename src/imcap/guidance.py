@@ -187,11 +187,7 @@ class Guide:
         the rule is off (no `living_verbs`)."""
         if not settings.living_verbs:
             return frozenset(), ()
-        unknown = sorted(set(settings.acting_classes) - set(table.wnids))
-        if unknown:
-            raise ValueError(f"guidance.json: acting_classes {unknown[:3]} are not classes of {table.name}")
-        acting = torch.zeros(len(table))
-        acting[[table.wnids.index(w) for w in settings.acting_classes]] = 1.0
+        acting = _class_mask(table, settings.acting_classes, "acting").float()
         words = [*self.words, *self.generic_words]
         acts = (torch.cat([self._names, self._generic_names]) @ acting > 0).tolist()
         inert = frozenset(word for word, word_acts in zip(words, acts, strict=True) if not word_acts)
