@@ -139,8 +139,9 @@ def test_folded_encoder_matches_the_original(seeing):
 
 
 def test_padding_and_activations_in_place_give_the_same_numbers(seeing, monkeypatch):
-    """The fast encoder pads inside its symmetric convolutions instead of copying each map first (the
-    same zeros in the same places) and runs its ReLU6 in place on the convolutions' fresh outputs, so the
+    """The fast encoder pads inside its convolutions instead of copying each map first (the same zeros in
+    the same places; where TF pads one more on the far sides, with a kernel one wider whose first row and
+    column are zero) and runs its ReLU6 in place on the convolutions' fresh outputs, so the
     visual tokens and concept probabilities are bit-identical to the folded encoder without either."""
     from imcap import engine as engine_module
 
@@ -156,7 +157,7 @@ def test_padding_and_activations_in_place_give_the_same_numbers(seeing, monkeypa
     def in_place(engine):
         return [m.inplace for m in engine.encoder.modules() if isinstance(m, torch.nn.ReLU6)]
 
-    assert 0 < pads(moved) < pads(padded)  # the asymmetric stride-2 paddings stay modules
+    assert pads(moved) == 0 < pads(padded)  # the asymmetric stride-2 paddings too
     assert all(in_place(moved)) and not any(in_place(padded)) and in_place(moved)
     assert not any(in_place(Engine(loaded.model, EngineOptions(fold_batchnorm=False))))  # model untouched
     threads = torch.get_num_threads()
@@ -169,6 +170,28 @@ def test_padding_and_activations_in_place_give_the_same_numbers(seeing, monkeypa
     assert (a.concept_probs is None) == (b.concept_probs is None)
     if a.concept_probs is not None:
         assert torch.equal(a.concept_probs, b.concept_probs)
+
+
+@pytest.mark.parametrize("size", [16, 17])
+@pytest.mark.parametrize(("kernel", "stride", "groups"), [(3, 2, 1), (3, 2, 4), (5, 2, 4), (3, 1, 4)])
+def test_padding_inside_a_convolution_is_tf_same_padding(size, kernel, stride, groups):
+    """Every TF-"same" padding lite2 uses (symmetric, or one more on the right and bottom as a stride-2
+    convolution of an even-sized map needs) moves into the convolution with the same numbers, bit for bit."""
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    from imcap.engine import _pad_in_convolutions
+
+    torch.manual_seed(0)
+    conv = Conv2dStaticSamePadding(4, 4, kernel, stride=stride, image_size=size, groups=groups).eval()
+    x = torch.randn(2, 4, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv(x)
+        moved = copy.deepcopy(conv)
+        _pad_in_convolutions(moved)
+        got = moved(x)
+    assert isinstance(moved.static_padding, torch.nn.Identity)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
 
 
 def test_shipped_model_captions_equal_plain_generate_on_the_examples():

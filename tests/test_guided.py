@@ -3,6 +3,7 @@ and images without constraints get exactly the engine's captions."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -148,6 +149,27 @@ def test_a_mixed_batch_keeps_image_order(tiny, options):
             alone = engine.decode_guided(hidden[i : i + 1], config, [constraints])[0]
             assert [c.tokens for c in got[i]] == [c.tokens for c in alone]
             assert all(meets(c.tokens, constraints) for c in got[i])
+
+
+@pytest.mark.parametrize("options", [GREEDY, BEAMS], ids=["greedy", "beams"])
+def test_per_image_bans_equal_each_image_alone_with_its_bad_words(tiny, options):
+    """One guided call with per-image Bans (guidance rewrites every flagged photo of a batch at once) gives
+    each image the captions it gets decoded alone with its banned words as bad_words_ids."""
+    loaded, engine, hidden = tiny
+    config = config_for(loaded, **options)
+    kinds = tiny_constraints(loaded.tokenizer)
+    wanted = [kinds["one-token"], kinds["multi-token"], [], kinds["two"], kinds["either"]]
+    first = [c[0].tokens for c in engine.decode_guided(hidden, config, wanted)]
+    # ban what each image said: a token alone, a 2-token sequence, or nothing
+    per_image = [[[first[0][0]]], [], [[first[2][0]]], [[first[3][0], first[3][1]]], [[first[4][1]]]]
+    got = engine.decode_guided(hidden, config, wanted, bans=engine.bans(per_image))
+    for i, banned in enumerate(per_image):
+        alone = copy.deepcopy(config)
+        alone.bad_words_ids = banned or None
+        expected = engine.decode_guided(hidden[i : i + 1], alone, [wanted[i]])[0]
+        assert [c.tokens for c in got[i]] == [c.tokens for c in expected]
+        assert [c.score for c in got[i]] == pytest.approx([c.score for c in expected], abs=1e-4)
+    assert got[0][0].tokens[:1] != first[0][:1]  # the ban bit
 
 
 def test_deterministic_and_scored_as_plain_log_prob_sums(tiny):

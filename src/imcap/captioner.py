@@ -6,7 +6,6 @@ The CLI (and any server) calls only this. Images may be paths, `PIL.Image`s, fil
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -225,27 +224,15 @@ class Captioner:
         )
 
     def _rewrite_anywhere(self, hidden: torch.Tensor, config, plans: list[Plan]) -> list[list[Decoded]]:
-        """Constrained beam search places each word; it takes one list of banned words per call."""
+        """Constrained beam search places each word: one batched search, bans per image."""
         guarded = [self.guide.guarded(plan) for plan in plans]
-        results: list[list[Decoded]] = [[] for _ in plans]
-        for banned, rows in _group_by(guarded, lambda words: words).items():
-            constraints = [[self.guide.constraint(w) for w in plans[r].required] for r in rows]
-            decoded = self.engine.decode_guided(
-                hidden[rows], self._banning(config, banned), constraints, self.guide.word_continuations
-            )
-            for row, candidates in zip(rows, decoded, strict=True):
-                results[row] = candidates
-        return results
+        constraints = [[self.guide.constraint(word) for word in plan.required] for plan in plans]
+        return self.engine.decode_guided(
+            hidden, config, constraints, self.guide.word_continuations, self._bans(guarded)
+        )
 
     def _bans(self, banned_words: Sequence[Sequence[str]]):
         return self.engine.bans([self.guide.bad_words_ids(words) for words in banned_words])
-
-    def _banning(self, config, banned: tuple[str, ...]):
-        if not banned:
-            return config
-        config = copy.deepcopy(config)
-        config.bad_words_ids = self.guide.bad_words_ids(banned)
-        return config
 
     def _tagged(
         self, results: list[CaptionResult], concept_probs: torch.Tensor | None

@@ -150,6 +150,7 @@ class Guide:
     def __init__(self, table: ConceptTable, settings: GuidanceSettings, tokenizer):
         self.table, self.settings, self.tokenizer = table, settings, tokenizer
         self._token_ids: dict[str, tuple[int, ...]] = {}
+        self._forms_ids: dict[str, tuple[tuple[int, ...], ...]] = {}
         self.words = sorted(set(table.words))  # the words a caption would use, one or more classes each
         # a word is as probable as all the classes it names: "dog" sums every breed, "missile" both the
         # missile and the projectile class (each lists "missile" among its synonyms)
@@ -347,7 +348,16 @@ class Guide:
         return Constraint(tuple(self._ids(form) for form in word_forms(word)))
 
     def bad_words_ids(self, words: Sequence[str]) -> list[list[int]]:
-        return [list(ids) for word in words for form in word_forms(word) if (ids := self._ids(form))]
+        return [list(ids) for word in words for ids in self._forms_ids_of(word)]
+
+    def _forms_ids_of(self, word: str) -> tuple[tuple[int, ...], ...]:
+        # memoised: every image's bans hold the same few hundred words
+        forms = self._forms_ids.get(word)
+        if forms is None:
+            forms = self._forms_ids[word] = tuple(
+                ids for form in word_forms(word) if (ids := self._ids(form))
+            )
+        return forms
 
     def _one_token_words(self, words: Sequence[str]) -> frozenset[int]:
         """The tokens of these words said after a space, for those the tokenizer keeps whole (a split

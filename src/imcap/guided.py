@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from imcap.engine import Decoded, _new_cache, _next_log_probs, _Special
+from imcap.engine import Bans, Decoded, _new_cache, _next_log_probs, _Special
 
 Phrase = tuple[int, ...]  # token ids of one surface form, e.g. tokenizer(" zebra") ids
 Progress = Phrase | None  # per constraint: the phrase prefix matched so far, or None once it is met
@@ -71,11 +71,14 @@ def constrained_beam_search(
     processors,
     constraints: Sequence[Sequence[Constraint]],
     word_continuations: Collection[int] = (),
+    bans: Bans | None = None,
 ) -> list[list[Decoded]]:
     """hidden (B, S, D) encoder states; constraints[b]: the constraints image b must satisfy (0..3 of them).
     Returns per image config.num_return_sequences `engine.Decoded`s, best first, like
     engine._BeamSearch.run(). word_continuations: ids of tokens that continue a word rather than start
     one (see `word_continuations`); they may not directly follow a completed phrase. Empty: no such rule.
+    bans: what each image's captions may not contain (`engine.Bans`), so that images with different
+    banned words share one search.
     """
     if len(constraints) != hidden.shape[0]:
         raise ValueError(f"{len(constraints)} constraint lists for {hidden.shape[0]} images")
@@ -84,7 +87,9 @@ def constrained_beam_search(
     eos = set(special.eos.tolist())
     if any(eos.intersection(p) for image in constraints for c in image for p in c.phrases):
         raise ValueError("a constraint's phrase holds the end-of-text token")
-    search = _GuidedSearch(decoder, hidden, config, special, processors, constraints, word_continuations)
+    search = _GuidedSearch(
+        decoder, hidden, config, special, processors, constraints, word_continuations, bans
+    )
     return search.run()
 
 
@@ -217,8 +222,8 @@ class _GuidedSearch:
     step) that keeps its size, so only the self-attention cache is reordered between steps, as in the
     engine; the cross-attention cache only when images leave."""
 
-    def __init__(self, decoder, hidden, config, special, processors, constraints, word_continuations):
-        self.decoder, self.config, self.processors = decoder, config, processors
+    def __init__(self, decoder, hidden, config, special, processors, constraints, word_continuations, bans):
+        self.decoder, self.config, self.processors, self.bans = decoder, config, processors, bans
         self.eos, self.eos_ids = set(special.eos.tolist()), special.eos.to(hidden.device)
         self.width = max(config.num_beams, MIN_WIDTH)
         keep = max(self.width, config.num_return_sequences)
@@ -246,6 +251,9 @@ class _GuidedSearch:
         """(rows, V) score of every continuation: the sum of log-probs so far plus the next token's."""
         log_probs = _next_log_probs(self.decoder, self.sequences, self.hidden, self.cache)
         log_probs = self.processors(self.sequences, log_probs)
+        if self.bans is not None:
+            images = torch.tensor([self.index[owner] for owner in self.owners], device=log_probs.device)
+            log_probs = self.bans.apply(self.sequences, log_probs, images)
         # end-of-text only once every constraint is met
         unmet = [r for r, row in enumerate(self.rows) if _met(row.state) < len(row.state)]
         unmet = torch.tensor(unmet, dtype=torch.long, device=log_probs.device)
