@@ -7,8 +7,8 @@ of the batch. This engine runs the same algorithm as transformers' greedy and ve
 (same log-softmax, logits processors, top-2k continuations, length penalty and early stopping), so its
 captions are token-for-token those of `generate`, but:
 
-- the encoder runs once per image; every beam reads the same cross-attention keys/values, so only the
-  self-attention cache is reordered between steps;
+- the encoder runs once per image; every beam reads the same cross-attention keys/values, kept once per
+  image (imcap.beam_attention), so only the self-attention cache is reordered between steps;
 - an image's result is taken as soon as it can no longer change (all beams finished, or no open beam can
   beat the finished ones), and done images leave the batch together once they are half of it, so a long
   caption doesn't make the whole batch pay for it (leaving copies the other rows' caches: one image at a
@@ -40,6 +40,7 @@ from transformers.generation import (
     RepetitionPenaltyLogitsProcessor,
 )
 
+from imcap.beam_attention import shares_cross_attention, with_shared_cross_attention
 from imcap.compat import cache_keyword
 from imcap.encoder import EfficientNetLiteEncoder
 
@@ -146,7 +147,8 @@ class Engine:
         self.encoder = _fast_encoder(model.encoder) if self.options.fold_batchnorm else model.encoder
         if self.options.onnx_encoder:
             self.encoder = accel.OnnxEncoder(self.encoder, model.encoder.config.image_size)
-        self.decoder = accel.int8_decoder(model.decoder) if self.options.int8_decoder else model.decoder
+        decoder = accel.int8_decoder(model.decoder) if self.options.int8_decoder else model.decoder
+        self.decoder = with_shared_cross_attention(decoder)
         self.special = _special_tokens(model.generation_config)
 
     @torch.inference_mode()
@@ -383,6 +385,7 @@ class _BeamSearch:
     ):
         self.decoder, self.config, self.special, self.processors = decoder, config, special, processors
         self.bans = bans
+        self.shared = shares_cross_attention(decoder)  # one cross-attention cache row per image, not beam
         self.beams, self.keep = config.num_beams, max(2, 1 + len(special.eos)) * config.num_beams
         self.penalty, self.early_stopping = config.length_penalty, config.early_stopping
         batch, device = hidden.shape[0], hidden.device
@@ -391,7 +394,7 @@ class _BeamSearch:
         self.prefix_length = 0 if prefix is None else prefix.shape[1]
         self.prefix_scores = torch.zeros(batch, device=device)
         self.max_length = 1 + self.prefix_length + config.max_new_tokens
-        self.hidden = hidden  # (B, S, D) for the first step, then one copy per beam (B*K, S, D)
+        self.hidden = hidden  # (B, S, D); after the first step one copy per beam (B*K, S, D) unless shared
         self.cache = _new_cache(decoder)
         shape = (batch, self.beams, self.max_length)
         self.running = torch.full(shape, special.pad, dtype=torch.long, device=device)
@@ -443,8 +446,11 @@ class _BeamSearch:
             log_probs = self.processors(first, _next_log_probs(self.decoder, first, self.hidden, self.cache))
         log_probs = self._banned(first, log_probs, rows_per_image=1)
         per_beam = torch.arange(len(first), device=rows.device).repeat_interleave(self.beams)
-        self.cache.reorder_cache(per_beam)
-        self.hidden = self.hidden[per_beam]
+        if self.shared:
+            self.cache.self_attention_cache.reorder_cache(per_beam)
+        else:
+            self.cache.reorder_cache(per_beam)
+            self.hidden = self.hidden[per_beam]
         return log_probs[per_beam]
 
     def _prefix_log_probs(self, first: torch.Tensor) -> torch.Tensor:
@@ -537,8 +543,14 @@ class _BeamSearch:
         ):
             setattr(self, name, getattr(self, name)[images])
         self.is_finished, self.can_improve = self.is_finished[images], self.can_improve[images]
-        self.images, self.hidden = self.images[images], self.hidden[rows]
-        self.cache.reorder_cache(rows)
+        self.images = self.images[images]
+        if self.shared:
+            self.hidden = self.hidden[images]
+            self.cache.self_attention_cache.reorder_cache(rows)
+            self.cache.cross_attention_cache.reorder_cache(images)
+        else:
+            self.hidden = self.hidden[rows]
+            self.cache.reorder_cache(rows)
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
