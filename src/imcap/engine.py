@@ -208,9 +208,8 @@ class Engine:
             if word_continuations and length:
                 processors.append(_BanAtPosition(1 + length, sorted(word_continuations)))
             prefix = torch.tensor([list(prefixes[i]) for i in images], device=hidden.device)
-            group_bans = bans.subset(images) if bans is not None else None
             search = _BeamSearch(
-                self.decoder, hidden[images], config, self.special, processors, prefix, group_bans
+                self.decoder, hidden[images], config, self.special, processors, prefix, _subset(bans, images)
             )
             for image, decoded in zip(images, search.run(), strict=True):
                 results[image] = decoded
@@ -240,8 +239,8 @@ class Engine:
         results: list[list[Decoded]] = [[] for _ in constraints]
         plain = [i for i, c in enumerate(constraints) if not c]
         if plain:
-            plain_bans = bans.subset(plain) if bans is not None else None
-            for i, decoded in zip(plain, self.decode(hidden[plain], config, plain_bans), strict=True):
+            decoded_plain = self.decode(hidden[plain], config, _subset(bans, plain))
+            for i, decoded in zip(plain, decoded_plain, strict=True):
                 results[i] = decoded
         config = _with_defaults(config)
         processors = _logits_processors(config, self.special)
@@ -253,11 +252,16 @@ class Engine:
             processors,
             [constraints[i] for i in guided],
             word_continuations,
-            bans.subset(guided) if bans is not None else None,
+            _subset(bans, guided),
         )
         for i, decoded in zip(guided, found, strict=True):
             results[i] = decoded
         return results
+
+
+def _subset(bans: Bans | None, images: Sequence[int]) -> Bans | None:
+    """The bans of these images, for a call that decodes only them (None stays None)."""
+    return bans.subset(images) if bans is not None else None
 
 
 class _BanAtPosition:
