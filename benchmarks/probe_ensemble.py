@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import imcap.engine as engine
 import imcap.guided as guided
+import imcap.search as search
 from imcap.captioner import Captioner
 from imcap.compat import cache_keyword
 from imcap.engine import Encoded
@@ -44,7 +44,7 @@ class EnsembleCache:
     """One engine cache per member, reordered together."""
 
     def __init__(self, decoders):
-        self.members = [engine._new_cache(d) for d in decoders]
+        self.members = [search.new_cache(d) for d in decoders]
 
     def reorder_cache(self, rows):
         for cache in self.members:
@@ -90,14 +90,14 @@ def ensemble_captioner(folders: list[str]) -> Captioner:
         outs = [encode_member(pixels) for encode_member in encoders]
         return Encoded(torch.cat([o.hidden for o in outs], dim=-1), outs[0].concept_probs)
 
-    plain_new_cache = engine._new_cache
+    plain_new_cache = search.new_cache
 
     def new_cache(decoder):
         if isinstance(decoder, EnsembleDecoder):
             return EnsembleCache(decoder.members)
         return plain_new_cache(decoder)
 
-    engine._new_cache = guided._new_cache = new_cache
+    search.new_cache = guided.new_cache = new_cache
     first.engine.encode_with_concepts = encode
     first.engine.decoder = EnsembleDecoder([m.engine.decoder for m in members])
     return first

@@ -9,9 +9,10 @@ from transformers.pytorch_utils import Conv1D
 from imcap import accel
 from imcap.captioner import Captioner
 from imcap.compat import cache_keyword
-from imcap.engine import Engine, EngineOptions, _new_cache
+from imcap.engine import Engine, EngineOptions
 from imcap.generation import CaptionOptions
 from imcap.modeling import load_model
+from imcap.search import new_cache
 
 from .test_engine import noise_pictures
 
@@ -26,7 +27,7 @@ def seeing(seeing_model_dir):
 def next_token_logits(decoder, hidden: torch.Tensor) -> torch.Tensor:
     start = torch.full((hidden.shape[0], 1), 1, dtype=torch.long)
     with torch.inference_mode():
-        cache = {cache_keyword(decoder): _new_cache(decoder)}
+        cache = {cache_keyword(decoder): new_cache(decoder)}
         return decoder(input_ids=start, encoder_hidden_states=hidden, **cache).logits
 
 

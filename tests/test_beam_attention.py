@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from imcap import engine as engine_module
+from imcap import search
 from imcap.beam_attention import (
     NAME,
     beam_sdpa,
@@ -78,10 +79,8 @@ def test_shared_and_per_beam_caches_give_the_same_captions(seeing_model_dir, mon
     per_beam = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
     assert shares_cross_attention(shared.decoder) and not shares_cross_attention(per_beam.decoder)
     drops = []
-    drop = engine_module._BeamSearch._drop
-    monkeypatch.setattr(
-        engine_module._BeamSearch, "_drop", lambda self, keep: drops.append(1) or drop(self, keep)
-    )
+    drop = search.BeamSearch._drop
+    monkeypatch.setattr(search.BeamSearch, "_drop", lambda self, keep: drops.append(1) or drop(self, keep))
     with torch.inference_mode():
         hidden = shared.encode(pixels)
         prefixes = [[5], [7, 7]] * 6

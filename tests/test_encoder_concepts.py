@@ -120,11 +120,11 @@ def test_concept_tail_stays_in_eval_mode_and_needs_the_head():
 
 @torch.no_grad()
 def test_engine_folds_the_concept_tail_too():
-    from imcap.engine import _fast_encoder
+    from imcap.fast_encoder import fast_encoder
 
     encoder, config = _trained_tail_encoder()
     pixels = _pixels(config, ["chelsea.jpg"])
-    fast = _fast_encoder(encoder)
+    fast = fast_encoder(encoder)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.concept_tail.modules())
     plain, folded = encoder(pixel_values=pixels), fast(pixel_values=pixels)
     torch.testing.assert_close(folded.concept_logits, plain.concept_logits, rtol=1e-3, atol=1e-3)

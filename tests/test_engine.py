@@ -103,13 +103,13 @@ def test_engine_tokens_equal_plain_generate(seeing, name, batch_size):
 
 @pytest.mark.parametrize("drop_share", [1e-9, 0.5, 1.01])  # leave at once, in groups, never
 def test_done_images_leave_the_batch_without_changing_any_result(seeing, monkeypatch, drop_share):
-    import imcap.engine
+    import imcap.search
 
     loaded, pixels = seeing
     config = generation_config(SETTINGS["beam3"], loaded.model.generation_config)
     config.num_return_sequences = 2
     engine = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
-    monkeypatch.setattr(imcap.engine, "_DROP_SHARE", drop_share)
+    monkeypatch.setattr(imcap.search, "_DROP_SHARE", drop_share)
     with torch.inference_mode():
         expected = plain_generate(loaded.model, pixels, config)
         got = engine.decode(engine.encode(pixels), config)
@@ -143,12 +143,12 @@ def test_padding_and_activations_in_place_give_the_same_numbers(seeing, monkeypa
     the same places; where TF pads one more on the far sides, with a kernel one wider whose first row and
     column are zero) and runs its ReLU6 in place on the convolutions' fresh outputs, so the
     visual tokens and concept probabilities are bit-identical to the folded encoder without either."""
-    from imcap import engine as engine_module
+    from imcap import fast_encoder
 
     loaded, pixels = seeing
     moved = Engine(loaded.model)
-    monkeypatch.setattr(engine_module, "_pad_in_convolutions", lambda encoder: None)
-    monkeypatch.setattr(engine_module, "_activations_in_place", lambda encoder: None)
+    monkeypatch.setattr(fast_encoder, "pad_in_convolutions", lambda encoder: None)
+    monkeypatch.setattr(fast_encoder, "_activations_in_place", lambda encoder: None)
     padded = Engine(loaded.model)
 
     def pads(engine):
@@ -179,7 +179,7 @@ def test_padding_inside_a_convolution_is_tf_same_padding(size, kernel, stride, g
     convolution of an even-sized map needs) moves into the convolution with the same numbers, bit for bit."""
     from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
 
-    from imcap.engine import _pad_in_convolutions
+    from imcap.fast_encoder import pad_in_convolutions
 
     torch.manual_seed(0)
     conv = Conv2dStaticSamePadding(4, 4, kernel, stride=stride, image_size=size, groups=groups).eval()
@@ -187,7 +187,7 @@ def test_padding_inside_a_convolution_is_tf_same_padding(size, kernel, stride, g
     with torch.no_grad():
         expected = conv(x)
         moved = copy.deepcopy(conv)
-        _pad_in_convolutions(moved)
+        pad_in_convolutions(moved)
         got = moved(x)
     assert isinstance(moved.static_padding, torch.nn.Identity)
     assert got.shape == expected.shape

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import imcap.engine
 import imcap.guided
+import imcap.search
 from imcap.captioner import Captioner
 from imcap.generation import CaptionOptions
 
@@ -25,8 +25,8 @@ def probe(monkeypatch):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     # the probe patches the engine's cache factory: undo it after the test
-    monkeypatch.setattr(imcap.engine, "_new_cache", imcap.engine._new_cache)
-    monkeypatch.setattr(imcap.guided, "_new_cache", imcap.guided._new_cache)
+    monkeypatch.setattr(imcap.search, "new_cache", imcap.search.new_cache)
+    monkeypatch.setattr(imcap.guided, "new_cache", imcap.guided.new_cache)
     yield module
     del sys.modules[spec.name]
 

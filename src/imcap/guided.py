@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from imcap.engine import Bans, Decoded, _new_cache, _next_log_probs, _Special
+from imcap.search import Bans, Decoded, Special, new_cache, next_log_probs
 
 Phrase = tuple[int, ...]  # token ids of one surface form, e.g. tokenizer(" zebra") ids
 Progress = Phrase | None  # per constraint: the phrase prefix matched so far, or None once it is met
@@ -67,17 +67,17 @@ def constrained_beam_search(
     decoder,
     hidden: torch.Tensor,
     config: GenerationConfig,
-    special: _Special,
+    special: Special,
     processors,
     constraints: Sequence[Sequence[Constraint]],
     word_continuations: Collection[int] = (),
     bans: Bans | None = None,
 ) -> list[list[Decoded]]:
     """hidden (B, S, D) encoder states; constraints[b]: the constraints image b must satisfy (0..3 of them).
-    Returns per image config.num_return_sequences `engine.Decoded`s, best first, like
-    engine._BeamSearch.run(). word_continuations: ids of tokens that continue a word rather than start
+    Returns per image config.num_return_sequences `search.Decoded`s, best first, like
+    search.BeamSearch.run(). word_continuations: ids of tokens that continue a word rather than start
     one (see `word_continuations`); they may not directly follow a completed phrase. Empty: no such rule.
-    bans: what each image's captions may not contain (`engine.Bans`), so that images with different
+    bans: what each image's captions may not contain (`search.Bans`), so that images with different
     banned words share one search.
     """
     if len(constraints) != hidden.shape[0]:
@@ -229,7 +229,7 @@ class _GuidedSearch:
         keep = max(self.width, config.num_return_sequences)
         self.images = [_Image(c, self.width, keep, word_continuations) for c in constraints]
         self.index = list(range(len(self.images)))  # original position of each image still decoding
-        self.hidden, self.cache = hidden, _new_cache(decoder)
+        self.hidden, self.cache = hidden, new_cache(decoder)
         self.sequences = torch.full((len(hidden), 1), special.start, dtype=torch.long, device=hidden.device)
         self.rows = [_Candidate(0.0, i, special.start, image.start()) for i, image in enumerate(self.images)]
         self.owners = list(range(len(self.images)))  # the image (position in self.images) of each row
@@ -249,7 +249,7 @@ class _GuidedSearch:
 
     def _totals(self) -> torch.Tensor:
         """(rows, V) score of every continuation: the sum of log-probs so far plus the next token's."""
-        log_probs = _next_log_probs(self.decoder, self.sequences, self.hidden, self.cache)
+        log_probs = next_log_probs(self.decoder, self.sequences, self.hidden, self.cache)
         log_probs = self.processors(self.sequences, log_probs)
         if self.bans is not None:
             images = torch.tensor([self.index[owner] for owner in self.owners], device=log_probs.device)
