@@ -274,6 +274,20 @@ def test_ray_engine_matches_local_engine_across_batch_sizes(tmp_path, seeing_mod
         assert sum(got[k] == expected[k] for k in got) / len(got) >= 0.99
 
 
+def run_in_own_group(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run, but a timeout also kills what the command started (the local Ray it brings up
+    would otherwise outlive the test and slow every test after it)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def test_ray_run_killed_then_rerun_writes_every_image_once(tmp_path, seeing_model_dir):
     pytest.importorskip("ray")
     shards = make_shards(tmp_path / "in", shards=6, per_shard=6)
@@ -292,7 +306,7 @@ def test_ray_run_killed_then_rerun_writes_every_image_once(tmp_path, seeing_mode
     written = list(out.glob("*.parquet"))
     assert 1 <= len(written) < len(shards), "killed too late to test a resume"
 
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    rerun = run_in_own_group(command, timeout=180)
     assert rerun.returncode == 0, rerun.stderr
     assert f"skipped {len(written)} units" in rerun.stderr
     keys = pq.read_table(out).column("key").to_pylist()
