@@ -39,6 +39,8 @@ class Decoded:
 
 @dataclass(frozen=True)
 class Special:
+    """The token ids a search needs: the one it starts from, every end-of-text id, and padding."""
+
     start: int
     eos: torch.Tensor  # (n,) end-of-text ids
     pad: int
