@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from imcap import writers
 from imcap.cli import app
+from imcap.writers import rowfiles
 
 from .test_batch import make_photos
 
@@ -142,8 +142,8 @@ def fill_up_after(monkeypatch, fail_at: int) -> list[FillsUp]:
         opened.append(FillsUp(real_open(path), fail_at))
         return opened[-1]
 
-    real_open = writers._open_for_rows
-    monkeypatch.setattr(writers, "_open_for_rows", open_rows)
+    real_open = rowfiles._open_for_rows
+    monkeypatch.setattr(rowfiles, "_open_for_rows", open_rows)
     return opened
 
 
@@ -194,7 +194,7 @@ def test_a_full_disk_while_writing_sidecars_leaves_whole_files_and_a_rerun_finis
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
-    monkeypatch.setattr(writers.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     full = run(photos, "--sidecar", "--batch-size", "2", model=tiny_model_dir)
     assert full.exit_code == 2, full.output
     assert full.stderr.splitlines() == [

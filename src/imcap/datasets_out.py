@@ -29,7 +29,8 @@ from pathlib import Path
 
 from imcap.results import CaptionResult
 from imcap.sources import Unit, tar_key
-from imcap.writers import JsonlWriter, OutputError, Writer, _lock, get_writer, row_dict
+from imcap.writers import JsonlWriter, OutputError, Writer, get_writer, row_dict
+from imcap.writers.locks import lock
 
 PARQUET, WEBDATASET, METADATA = ".parquet", ".wds", "metadata.jsonl"
 LOCK_NAME = ".imcap.lock"  # inside an output folder, held while a run writes there
@@ -86,7 +87,7 @@ class _FolderSink(UnitSink):
         except OSError as error:
             raise OutputError(f"{self.folder}: cannot write ({error.strerror or error})") from error
         try:
-            _lock(self._fd, f"{self.folder} is being written")
+            lock(self._fd, f"{self.folder} is being written")
             for stale in self.folder.glob(".*.tmp"):  # a killed run's half-written part: never a result
                 stale.unlink()
             if overwrite:
