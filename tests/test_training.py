@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from imcap.modeling import load_model
-from imcap.training import loop
+from imcap.training import checkpoints, loop, scst
 from imcap.training.batches import CaptionTable, mirror_caption
 from imcap.training.config import TrainConfig
 from imcap.training.loop import train
@@ -225,8 +225,8 @@ def test_scst_reward_adds_the_weighted_sentence_bleu4():
             config=TrainConfig.from_dict({"scst": {"bleu4_weight": weight}}),
         )
 
-    torch.testing.assert_close(loop._rewards(run(0.0), texts, ids), cider)
-    torch.testing.assert_close(loop._rewards(run(2.0), texts, ids), cider + 2.0 * bleu)
+    torch.testing.assert_close(scst.sample_rewards(run(0.0), texts, ids), cider)
+    torch.testing.assert_close(scst.sample_rewards(run(2.0), texts, ids), cider + 2.0 * bleu)
 
 
 def test_scst_bleu4_weight_must_not_be_negative():
@@ -237,7 +237,8 @@ def test_scst_bleu4_weight_must_not_be_negative():
 def test_export_carries_the_no_repeat_decoding_default(seeing_model_dir, tmp_path):
     """An exported model never repeats a 3-gram by default (its generation_config.json); the trained
     folder itself, which validation and SCST decode with, stays without it."""
-    loop.export_fp16(seeing_model_dir, tmp_path / "exported")
+    checkpoints.export_fp16(seeing_model_dir, tmp_path / "exported")
     exported = load_model(tmp_path / "exported")
-    assert exported.model.generation_config.no_repeat_ngram_size == loop.EXPORT_NO_REPEAT_NGRAM_SIZE == 3
+    exported_size = exported.model.generation_config.no_repeat_ngram_size
+    assert exported_size == checkpoints.EXPORT_NO_REPEAT_NGRAM_SIZE == 3
     assert not load_model(seeing_model_dir).model.generation_config.no_repeat_ngram_size

@@ -35,8 +35,8 @@ def train(
         fail(str(error))
     quiet_libraries()
     from imcap.data import DataError
+    from imcap.training.checkpoints import export_fp16
     from imcap.training.config import TrainConfig
-    from imcap.training.loop import export_fp16
     from imcap.training.loop import train as run_training
 
     try:
