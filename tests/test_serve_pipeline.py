@@ -13,7 +13,7 @@ from imcap.generation import CaptionOptions
 from imcap.images import decode_image
 from imcap.serving.queue import Batcher, ShuttingDown
 
-from .test_serving import OPTIONS, png
+from .serving_helpers import OPTIONS, png
 
 
 class Recorder:

@@ -20,7 +20,7 @@ from imcap.serving.limits import RateLimit
 from imcap.serving.settings import ServeSettings, parse_rate
 
 from .conftest import EXAMPLES
-from .test_serving import FORM, OPTIONS, files, png
+from .serving_helpers import FORM, OPTIONS, files, png
 
 
 @pytest.fixture(scope="module")

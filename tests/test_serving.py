@@ -1,13 +1,11 @@
-"""`imcap serve`'s REST API in-process with TestClient, on the tiny "seeing" model; and the batcher itself."""
+"""`imcap serve`'s REST API in-process with TestClient, on the tiny "seeing" model (the batcher:
+test_serve_queue.py; the page: test_serve_ui.py)."""
 
 from __future__ import annotations
 
 import io
 import json
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,34 +13,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from imcap.captioner import Captioner, Tag
+from imcap.captioner import Captioner
 from imcap.cli import app as cli_app
 from imcap.generation import CaptionOptions, OptionsError
 from imcap.images import decode_image
 from imcap.serving.app import create_app
-from imcap.serving.queue import Batcher, QueueFull
 from imcap.serving.settings import ServeSettings
 
 from .conftest import EXAMPLES
-
-OPTIONS = CaptionOptions(max_new_tokens=6, num_beams=2)  # short captions keep the tiny model fast
-FORM = {"max_new_tokens": "6", "num_beams": "2"}
-
-
-def png(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
-    """A small picture of two coloured blocks; different seeds give different pictures."""
-    rng = np.random.default_rng(seed)
-    picture = np.empty((size[1], size[0], 3), np.uint8)
-    picture[:] = rng.integers(0, 256, 3)
-    picture[: size[1] // 2, : size[0] // 2] = rng.integers(0, 256, 3)
-    buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def files(*datas: bytes, names: list[str] | None = None) -> list[tuple]:
-    names = names or [f"photo_{i}.png" for i in range(len(datas))]
-    return [("images", (name, data, "image/png")) for name, data in zip(names, datas, strict=True)]
+from .serving_helpers import FORM, OPTIONS, TAGS, Tagging, as_json, client_for, files, png
 
 
 @pytest.fixture(scope="module")
@@ -50,55 +29,10 @@ def captioner(seeing_model_dir) -> Captioner:
     return Captioner.from_pretrained(seeing_model_dir)
 
 
-def client_for(captioners, **settings) -> TestClient:
-    return TestClient(create_app(captioners, ServeSettings(ui=False, api_key=None, **settings)))
-
-
 @pytest.fixture(scope="module")
 def client(captioner) -> TestClient:
     with client_for({"seeing": captioner}) as client:  # `with`: the app's lifespan closes the batcher
         yield client
-
-
-class Gate:
-    """Wraps a Captioner: each call waits until `release` (set from the test), and is recorded."""
-
-    def __init__(self, captioner: Captioner):
-        self.captioner, self.release, self.entered = captioner, threading.Event(), threading.Event()
-        self.max_caption_tokens = captioner.max_caption_tokens
-        self.batches: list[int] = []
-
-    def __call__(self, images, options):
-        self.batches.append(len(images))
-        self.entered.set()
-        assert self.release.wait(30), "the test never released the gate"
-        return self.captioner(images, options)
-
-
-TAGS = [Tag(f"concept {i}", 0.5**i) for i in range(1, 9)]  # most probable first, like a concept head's
-
-
-class Tagging:
-    """Wraps a Captioner without a concept head (the tiny models): every result carries TAGS."""
-
-    def __init__(self, captioner: Captioner):
-        self.captioner, self.max_caption_tokens = captioner, captioner.max_caption_tokens
-
-    def __call__(self, images, options):
-        return [replace(result, tags=TAGS) for result in self.captioner(images, options)]
-
-
-def as_json(tags: list[Tag]) -> list[dict]:
-    return [{"label": t.label, "score": round(t.score, 4)} for t in tags]  # rounded as in the CLI's rows
-
-
-def wait_until(condition, what: str) -> None:
-    event = threading.Event()
-    for _ in range(3000):
-        if condition():
-            return
-        event.wait(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 # --- success -----------------------------------------------------------------------------------------
@@ -378,126 +312,7 @@ def test_uploads_leave_no_files_behind(client, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# --- concurrency: shared batches, a full queue, timeouts ------------------------------------------------
-
-
-def test_a_full_queue_answers_503_with_retry_after_and_recovers(captioner):
-    gate = Gate(captioner)
-    with client_for({"seeing": gate}, queue_size=1, max_batch=1) as client, ThreadPoolExecutor(2) as pool:
-        first = pool.submit(client.post, "/v1/captions", files=files(png(1)), data=FORM)
-        assert gate.entered.wait(30)  # the worker holds image 1 in its model call
-        second = pool.submit(client.post, "/v1/captions", files=files(png(2)), data=FORM)
-        wait_until(lambda: client.get("/health").json()["queued_images"] == 1, "image 2 queued")
-        third = client.post("/v1/captions", files=files(png(3)), data=FORM)
-        too_many_at_once = client.post("/v1/captions", files=files(png(4), png(5)), data=FORM)
-        gate.release.set()
-        assert first.result().status_code == second.result().status_code == 200
-        after = client.post("/v1/captions", files=files(png(3)), data=FORM)
-    assert third.status_code == too_many_at_once.status_code == 503
-    assert int(third.headers["Retry-After"]) >= 1 and "queue is full" in third.json()["detail"]
-    assert after.status_code == 200
-
-
-def test_requests_that_time_out_get_503_and_cost_no_model_time(captioner):
-    gate = Gate(captioner)
-    with (
-        client_for({"seeing": gate}, request_timeout_s=0.2, max_batch=1) as client,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        first = pool.submit(client.post, "/v1/captions", files=files(png(1)), data=FORM)
-        assert gate.entered.wait(30)
-        late = client.post("/v1/captions", files=files(png(2), png(3)), data=FORM)  # waits behind image 1
-        gate.release.set()
-        assert first.result().status_code == 503  # its own model call outlived the timeout too
-        # straight to the batcher (no HTTP timeout): it runs after the queue has been worked through
-        batcher = client.app.state.batcher
-        assert batcher.submit("seeing", [decode_image(png(4))], OPTIONS)[0].result(30).batch_images == 1
-    assert late.status_code == 503 and "timed out after 0.2 s" in late.json()["detail"]
-    assert late.headers["Retry-After"] == "1"
-    assert gate.batches == [1, 1]  # images 2 and 3 were dropped from the queue, never captioned
-
-
-def test_waiting_requests_with_the_same_settings_share_one_model_call(captioner):
-    gate = Gate(captioner)
-    with client_for({"seeing": gate}, max_batch=8) as client, ThreadPoolExecutor(5) as pool:
-        blocker = pool.submit(client.post, "/v1/captions", files=files(png(0)), data=FORM)
-        assert gate.entered.wait(30)
-        same = [pool.submit(client.post, "/v1/captions", files=files(png(i)), data=FORM) for i in (1, 2, 3)]
-        other = pool.submit(client.post, "/v1/captions", files=files(png(4)), data={**FORM, "num_beams": "1"})
-        wait_until(lambda: client.get("/health").json()["queued_images"] == 4, "4 images queued")
-        gate.release.set()
-        responses = [f.result() for f in [blocker, *same, other]]
-    assert [r.status_code for r in responses] == [200] * 5
-    assert [r.json()["images"][0]["timing"]["batch_images"] for r in responses] == [1, 3, 3, 3, 1]
-    assert sorted(gate.batches) == [1, 1, 3]
-
-
-def test_batcher_splits_big_requests_by_max_batch_and_fails_fast_when_full():
-    calls = []
-
-    def fake(images, options):
-        calls.append(len(images))
-        return [f"caption of {image}" for image in images]
-
-    batcher = Batcher({"fake": fake}, queue_size=20, max_batch=4, max_wait_ms=0)
-    try:
-        futures = batcher.submit("fake", list(range(10)), OPTIONS)
-        assert [f.result(30).result for f in futures] == [f"caption of {i}" for i in range(10)]
-        assert calls == [4, 4, 2]
-        with pytest.raises(QueueFull):
-            batcher.submit("fake", list(range(21)), OPTIONS)
-    finally:
-        batcher.close()
-
-
-# --- the page's handler and the command -------------------------------------------------------------------
-
-
-def test_page_handler_ignores_sampling_sliders_unless_sampling(captioner, tmp_path):
-    import gradio as gr
-
-    from imcap.serving.ui import caption_handler
-
-    paths = [tmp_path / "a.png", tmp_path / "b.webp"]
-    paths[0].write_bytes(png(1))
-    Image.open(io.BytesIO(png(2))).save(paths[1])
-    batcher = Batcher({"seeing": captioner})
-    handler = caption_handler(batcher, {"seeing": captioner}, ServeSettings(ui=True))
-    try:
-        gallery, rows = handler([(str(p), None) for p in paths], "seeing", 6, 2, False, 0.3, 5, 0.5, 2)
-        with pytest.raises(gr.Error, match="num_return_sequences"):
-            handler([(str(paths[0]), None)], "seeing", 6, 1, False, 1.0, 0, 1.0, 2)
-        with pytest.raises(gr.Error, match="Upload one or more photos"):
-            handler(None, "seeing", 6, 2, False, 1.0, 0, 1.0, 1)
-    finally:
-        batcher.close()
-    two = CaptionOptions(max_new_tokens=6, num_beams=2, num_return_sequences=2)
-    expected = captioner([decode_image(png(1)), decode_image(paths[1].read_bytes())], two)
-    assert gallery == [(str(p), r.caption) for p, r in zip(paths, expected, strict=True)]
-    assert [row[:3] for row in rows] == [
-        [p.name, rank, c.text]
-        for p, r in zip(paths, expected, strict=True)
-        for rank, c in enumerate(r.candidates, 1)
-    ]
-
-
-def test_page_shows_each_photos_top_five_tags_under_its_captions(captioner, tmp_path):
-    from imcap.serving.ui import caption_handler
-
-    path = tmp_path / "a.png"
-    path.write_bytes(png(1))
-    tagging = Tagging(captioner)
-    batcher = Batcher({"tagging": tagging})
-    try:
-        handler = caption_handler(batcher, {"tagging": tagging}, ServeSettings(ui=True))
-        _, rows = handler([(str(path), None)], "tagging", 6, 2, False, 1.0, 0, 1.0, 2)
-    finally:
-        batcher.close()
-    assert [row[1] for row in rows] == [1, 2, ""]  # two captions, then the tags
-    assert (
-        rows[2][2]
-        == "tags: concept 1 0.50 · concept 2 0.25 · concept 3 0.12 · concept 4 0.06 · concept 5 0.03"
-    )
+# --- the command ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -511,10 +326,3 @@ def test_page_shows_each_photos_top_five_tags_under_its_captions(captioner, tmp_
 def test_serve_command_fails_at_once_on_bad_settings(args, message):
     result = CliRunner().invoke(cli_app, ["serve", *args])
     assert result.exit_code == 2 and message in result.output
-
-
-def test_page_guide_checkbox_maps_to_the_option():
-    from imcap.serving.ui import _options
-
-    assert _options(24, 3, False, 1.0, 0, 1.0, 1).guide is True
-    assert _options(24, 3, False, 1.0, 0, 1.0, 1, False).guide is False
