@@ -3,7 +3,11 @@
     .venv/bin/python scripts/average_checkpoints.py runs/x/best ckpt-9.pt ckpt-10.pt --output runs/x/avg
 
 MODEL_DIR gives the architecture, tokenizer and preprocessing (the run's `best/`); the checkpoints are
-`imcap train`'s checkpoint.pt files (copies of them from the epochs to average).
+`imcap train`'s checkpoint.pt files (copies of them from the epochs to average), or model folders of the
+same architecture fine-tuned from one checkpoint (a "model soup"):
+
+    .venv/bin/python scripts/average_checkpoints.py src/imcap/default_model \
+        src/imcap/default_model runs/other/best --output runs/soup
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from imcap.training.averaging import average_checkpoints
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path, help="a model folder of the same run (its best/)")
-    parser.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint.pt files to average")
+    parser.add_argument(
+        "checkpoints", type=Path, nargs="+", help="checkpoint.pt files or model folders to average"
+    )
     parser.add_argument("--output", type=Path, required=True, help="the averaged model's folder")
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default: fp16)")
     args = parser.parse_args()

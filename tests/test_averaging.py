@@ -1,10 +1,13 @@
 """Checkpoint averaging: the mean of the weights, refusals for checkpoints of different models, and a
-real run's checkpoints averaged into a model folder that loads."""
+real run's checkpoints averaged into a model folder that loads, and model folders averaged (a soup)."""
+
+import shutil
 
 import pytest
 import torch
 
-from imcap.modeling import load_model
+from imcap.guidance import GUIDANCE_FILE
+from imcap.modeling import load_model, save_model
 from imcap.training.averaging import average_checkpoints, average_state_dicts
 from imcap.training.loop import train
 
@@ -58,3 +61,25 @@ def test_a_runs_checkpoints_average_into_a_model_folder(data, tmp_path):  # noqa
     for key, value in payload["model"].items():
         expected = value + 0.5 if value.is_floating_point() else value
         torch.testing.assert_close(averaged[key], expected)
+
+
+def test_model_folders_average_into_a_soup_with_the_first_folders_guidance(seeing_model_dir, tmp_path):
+    loaded = load_model(seeing_model_dir)
+    original = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    with torch.no_grad():
+        tensors = {v.data_ptr(): v for v in loaded.model.state_dict().values() if v.is_floating_point()}
+        for value in tensors.values():  # once per tensor: tied weights are one tensor under two names
+            value += 1
+    moved = tmp_path / "moved"
+    save_model(loaded.model, loaded.tokenizer, loaded.image_processor, moved)
+    first = tmp_path / "first"
+    shutil.copytree(seeing_model_dir, first)
+    (first / GUIDANCE_FILE).write_text('{"name_threshold": 0.4}')
+
+    out = average_checkpoints(first, [first, moved], tmp_path / "soup", fp16=False)
+
+    averaged = load_model(out).model.state_dict()
+    for key, value in original.items():
+        expected = value + 0.5 if value.is_floating_point() else value
+        torch.testing.assert_close(averaged[key], expected)
+    assert (out / GUIDANCE_FILE).read_text() == '{"name_threshold": 0.4}'

@@ -5,16 +5,24 @@ smooths the noise of the last updates at no inference cost. It needs the checkpo
 the weights are close enough for their mean to be a model too; `imcap train` overwrites `checkpoint.pt`
 every epoch, so keep copies of the ones to average.
 
+Model folders average too: runs fine-tuned from one checkpoint (two SCST stages started from the same
+cross-entropy checkpoint) stay close enough for their mean to work as well (a "model soup", Wortsman et al.
+2022; docs/ablations.md).
+
     .venv/bin/python scripts/average_checkpoints.py runs/x/best ckpt-9.pt ckpt-10.pt --output runs/x/avg
+    .venv/bin/python scripts/average_checkpoints.py src/imcap/default_model \
+        src/imcap/default_model runs/other/best --output runs/soup
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from imcap.guidance import GUIDANCE_FILE
 from imcap.modeling import load_model, save_model
 
 
@@ -46,15 +54,24 @@ def average_checkpoints(
     model_dir: str | Path, checkpoints: Sequence[str | Path], destination: str | Path, fp16: bool = True
 ) -> Path:
     """Load the model folder `model_dir` (its architecture, tokenizer and preprocessing), put the mean of
-    the checkpoints' weights in it (`imcap train`'s checkpoint.pt files, or state dicts) and save it to
-    `destination`, as fp16 safetensors by default (how the default model ships)."""
+    the checkpoints' weights in it (`imcap train`'s checkpoint.pt files, state dicts, or model folders of
+    the same architecture) and save it to `destination`, as fp16 safetensors by default (how the default
+    model ships). `model_dir`'s guidance.json, if any, is copied along (its thresholds were chosen for
+    `model_dir`'s weights: `scripts/choose_guidance.py` chooses them again)."""
     loaded = load_model(model_dir)
     states = [_weights(Path(path)) for path in checkpoints]
     loaded.model.load_state_dict(average_state_dicts(states))
     save_model(loaded.model, loaded.tokenizer, loaded.image_processor, destination, fp16=fp16)
+    guidance = Path(model_dir) / GUIDANCE_FILE
+    if guidance.is_file():
+        shutil.copyfile(guidance, Path(destination) / GUIDANCE_FILE)
     return Path(destination)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
+    if (
+        path.is_dir()
+    ):  # a model folder: loaded as a model, so tied and renamed weights come out as in training
+        return load_model(path).model.state_dict()
     payload = torch.load(path, map_location="cpu", weights_only=False)
     return payload.get("model", payload)
