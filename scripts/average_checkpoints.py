@@ -20,7 +20,9 @@ from imcap.training.averaging import average_checkpoints
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", type=Path, help="a model folder of the same run (its best/)")
+    parser.add_argument(
+        "model_dir", type=Path, help="a model folder of the same architecture (a run's best/)"
+    )
     parser.add_argument(
         "checkpoints", type=Path, nargs="+", help="checkpoint.pt files or model folders to average"
     )
