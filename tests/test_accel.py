@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -42,6 +44,14 @@ def test_int8_decoder_quantises_every_linear_layer_and_stays_close(seeing):
     exact, approx = next_token_logits(loaded.model.decoder, hidden), next_token_logits(quantized, hidden)
     assert not torch.equal(exact, approx)  # it really runs int8
     assert (approx - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_int8_decoder_prints_no_deprecation_notice(seeing):
+    loaded, _ = seeing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a notice already shown once in this process still counts
+        accel.int8_decoder(loaded.model.decoder)
+    assert [str(w.message) for w in caught] == []
 
 
 def test_int8_engine_captions(seeing):

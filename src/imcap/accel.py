@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +36,14 @@ def int8_decoder(decoder: nn.Module) -> nn.Module:
     """A copy of `decoder` whose linear layers run in int8 (dynamic quantisation, fp32 elsewhere)."""
     quantized = copy.deepcopy(decoder).eval()
     _conv1d_to_linear(quantized)
-    return torch.ao.quantization.quantize_dynamic(quantized, {nn.Linear}, dtype=torch.qint8)
+    # torch 2.13 deprecates torch.ao's eager quantisation in favour of torchao, whose CPU int8 path
+    # (torchao 0.18, Int8DynamicActivationInt8WeightConfig) ran a GPT-2-sized MLP several times slower
+    # than this one here and takes 2.6 s to import. Until that changes we keep torch.ao, and silence its
+    # two deprecation notices at this call only (every `--int8-decoder` run printed them).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.* are deprecated")
+        return torch.ao.quantization.quantize_dynamic(quantized, {nn.Linear}, dtype=torch.qint8)
 
 
 def _conv1d_to_linear(module: nn.Module) -> None:
