@@ -12,8 +12,10 @@ Neither is on by default. Both trade exactness for speed, so their cost is measu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -104,22 +106,38 @@ def export_encoder(encoder: nn.Module, image_size: int) -> Path:
     batch = torch.export.Dim("batch", min=1, max=1024)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     try:
-        program = torch.onnx.export(
-            _StatesOnly(encoder).eval(),
-            (example,),
-            dynamic_shapes={"pixel_values": {0: batch}},
-            input_names=["pixel_values"],
-            output_names=["hidden", "concept_logits"] if _has_head(encoder) else ["hidden"],
-            dynamo=True,
-            verbose=False,
-        )
-        program.save(str(partial))
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                _StatesOnly(encoder).eval(),
+                (example,),
+                dynamic_shapes={"pixel_values": {0: batch}},
+                input_names=["pixel_values"],
+                output_names=["hidden", "concept_logits"] if _has_head(encoder) else ["hidden"],
+                dynamo=True,
+                verbose=False,
+            )
+            program.save(str(partial))
     except Exception as error:  # the exporter raises many kinds; the user needs one line and a way out
         raise AccelError(
             f"could not export the encoder to ONNX ({type(error).__name__}); drop --onnx-encoder"
         ) from error
     partial.replace(path)  # atomic: a concurrent or interrupted export never leaves half a file
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Keeps the exporter's own notices off the user's terminal: one line per torchvision operator it skips
+    (imcap needs none) and a FutureWarning from torch's pytree internals. Errors still raise."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _has_head(encoder: nn.Module) -> bool:
