@@ -103,6 +103,30 @@ def seeing_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cat_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with a concept head that is sure every photo shows a tabby (and never a dog)."""
+    import torch
+
+    from imcap.concepts import load_concept_table
+    from imcap.modeling import load_model, save_model
+
+    table = load_concept_table()
+    folder = tmp_path_factory.mktemp("cat_model")
+    build_tiny_model(folder)
+    loaded = load_model(folder)
+    config = loaded.model.encoder.config
+    config.concept_head, config.concept_table = True, table.name
+    model = type(loaded.model)(config=loaded.model.config)
+    model.load_state_dict(loaded.model.state_dict(), strict=False)
+    with torch.no_grad():
+        model.encoder.classifier.weight.zero_()
+        model.encoder.classifier.bias.zero_()
+        model.encoder.classifier.bias[table.wnids.index("n02123045")] = 20.0  # tabby
+    save_model(model.eval(), loaded.tokenizer, loaded.image_processor, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def flickr8k() -> Path:
     if not (SHARED_FLICKR8K / "captions.tsv").exists():
         pytest.skip(f"the shared Flickr8k copy is not at {SHARED_FLICKR8K}")

@@ -245,13 +245,6 @@ def test_engine_handles_other_encoders_and_width_projection(beams, early_stoppin
     assert got == expected
 
 
-def test_engine_refuses_sampling(seeing):
-    loaded, pixels = seeing
-    config = generation_config(CaptionOptions(num_beams=1, do_sample=True), loaded.model.generation_config)
-    with pytest.raises(ValueError, match="sampling"):
-        Engine(loaded.model).decode(torch.zeros(1, 4, 32), config)
-
-
 def test_caption_batches_keeps_order_and_reports_bad_files(seeing_model_dir, tmp_path):
     captioner = Captioner.from_pretrained(seeing_model_dir)
     paths = []

@@ -218,7 +218,7 @@ def test_bad_requests_are_refused(tiny):
         )
     with pytest.raises(ValueError, match="non-empty"):
         Constraint(((),))
-    with pytest.raises(ValueError, match="sampling"):
+    with pytest.raises(ValueError, match="does not sample"):
         engine.decode_guided(hidden[:1], config_for(loaded, num_beams=1, do_sample=True), [[dog]])
 
 

@@ -6,6 +6,7 @@ The CLI (and any server) calls only this. Images may be paths, `PIL.Image`s, fil
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from imcap.guidance import Guide, Plan
 from imcap.images import DEFAULT_MAX_PIXELS, ImageInput, as_image
 from imcap.modeling import LoadedModel, load_model, max_caption_tokens
 from imcap.results import MAX_TAGS, Candidate, CaptionResult, Tag
+from imcap.stepwise import sample_seeds
 from imcap.tokenizer import format_caption
 
 _SINGLE = (str, Path, Image.Image, bytes, bytearray, np.ndarray)
@@ -48,14 +50,14 @@ class Captioner:
         self.model = loaded.model.eval()
         self.family = loaded.family  # processor-based checkpoints (imcap.families); None for imcap's own
         self.max_pixels = max_pixels  # images announcing more pixels are refused (see imcap.images)
-        # greedy and beam search of VisionEncoderDecoder models go through imcap's engine (generate's tokens,
-        # faster); use_engine=False sends everything to plain `generate`, as sampling and the prefix and
-        # LSTM models always are
+        # greedy, beam search and plain sampling of VisionEncoderDecoder models go through imcap's engine
+        # (generate's algorithms, faster, guided); use_engine=False sends everything to plain `generate`,
+        # as beam-search sampling and the prefix and LSTM models always are
         uses_engine = use_engine and isinstance(self.model, VisionEncoderDecoderModel)
         self.engine = Engine(self.model, engine) if uses_engine else None
         encoder_config = getattr(self.model.config, "encoder", None)
         self.concepts = _concept_table(encoder_config)  # class labels for tags; None without a head
-        # guided decoding runs in the engine (greedy and beam search of models with a concept head)
+        # guided decoding runs in the engine (greedy, beam search and sampling of models with a concept head)
         self.guide = (
             Guide.for_model(encoder_config, loaded.guidance, loaded.tokenizer) if uses_engine else None
         )
@@ -155,8 +157,9 @@ class Captioner:
         return self._generate(inputs, options)
 
     def uses_engine(self, options: CaptionOptions) -> bool:
-        """Whether these options go through imcap's engine (greedy and beam search do; sampling doesn't)."""
-        return self.engine is not None and not options.do_sample
+        """Whether these options go through imcap's engine: greedy, beam search and plain sampling do;
+        beam-search sampling (do_sample with num_beams > 1) goes to `generate`."""
+        return self.engine is not None and not (options.do_sample and options.num_beams > 1)
 
     def encode(self, pixels: torch.Tensor) -> Encoded:
         """The engine's first half: (B, 3, H, W) -> the states the decoder reads and the concept
@@ -172,7 +175,10 @@ class Captioner:
         options = self.checked(options)
         encoded = encoded if isinstance(encoded, Encoded) else Encoded(encoded)
         config = generation_config(options, self.model.generation_config)
-        if options.guide and self.guide is not None and encoded.concept_probs is not None:
+        guided = options.guide and self.guide is not None and encoded.concept_probs is not None
+        if options.do_sample:
+            per_image = self._sampled_decode(encoded, config, options.seed, guided)
+        elif guided:
             per_image = self._guided_decode(encoded, config)
         else:
             per_image = self.engine.decode(encoded.hidden, config)
@@ -182,19 +188,40 @@ class Captioner:
         results = self._results([d.tokens for d in flat], scores, lengths, options)
         return self._tagged(results, encoded.concept_probs)
 
-    def _guided_decode(self, encoded: Encoded, config) -> list[list[Decoded]]:
+    def _sampled_decode(
+        self, encoded: Encoded, config, seed: int | None, guided: bool
+    ) -> list[list[Decoded]]:
+        """Plain sampling: each of an image's `num_return_sequences` samples is a row of its own, drawn
+        once (with a seed, sample j from its own seed, `sample_seeds`), and guided as a searched caption
+        is (`_guided_decode`: a sample that misses the sure word is drawn again with it as subject)."""
+        images, count = encoded.hidden.shape[0], config.num_return_sequences
+        rows = torch.arange(images, device=encoded.hidden.device).repeat_interleave(count)
+        probs = encoded.concept_probs
+        rows_encoded = Encoded(encoded.hidden[rows], None if probs is None else probs[rows.to(probs.device)])
+        one = copy.deepcopy(config)
+        one.num_return_sequences = 1
+        seeds = None if seed is None else sample_seeds(seed, count) * images
+        if guided:
+            per_row = self._guided_decode(rows_encoded, one, seeds)
+        else:
+            per_row = self.engine.decode(rows_encoded.hidden, one, seeds=seeds)
+        return [[d for row in per_row[i * count : (i + 1) * count] for d in row] for i in range(images)]
+
+    def _guided_decode(self, encoded: Encoded, config, seeds: list[int] | None = None) -> list[list[Decoded]]:
         """Decode with the words guidance rules out banned, then decode again, constrained, the images
         whose caption misses a confident concept (imcap.guidance). Each image has its own banned words,
-        and each pass is one batched engine call all the same (imcap.engine.Bans)."""
+        and each pass is one batched engine call all the same (imcap.engine.Bans). With sampling, every
+        row is one sample (`_sampled_decode`) and seeds[row] its seed."""
         plans = self.guide.plans(encoded.concept_probs)
-        per_image = self.engine.decode(encoded.hidden, config, self._bans([p.banned for p in plans]))
+        per_image = self.engine.decode(encoded.hidden, config, self._bans([p.banned for p in plans]), seeds)
         for row, plan in enumerate(plans):
             best = self.loaded.tokenizer.decode(per_image[row][0].tokens, skip_special_tokens=True)
             missing = self.guide.rewrite_word(plan, best)
             plan.required = (missing,) if missing else ()
         rows = [i for i, plan in enumerate(plans) if plan.required]
         if rows:
-            decoded = self._rewrite(encoded.hidden[rows], config, [plans[r] for r in rows])
+            row_seeds = None if seeds is None else [seeds[r] for r in rows]
+            decoded = self._rewrite(encoded.hidden[rows], config, [plans[r] for r in rows], row_seeds)
             for row, candidates in zip(rows, decoded, strict=True):
                 # constrained beam search may run out of length before the decoder will say the word
                 # (it then rambles to the limit): the first caption stays
@@ -203,24 +230,33 @@ class Captioner:
                     per_image[row] = candidates
         return per_image
 
-    def _rewrite(self, hidden: torch.Tensor, config, plans: list[Plan]) -> list[list[Decoded]]:
+    def _rewrite(
+        self, hidden: torch.Tensor, config, plans: list[Plan], seeds: list[int] | None = None
+    ) -> list[list[Decoded]]:
         """Decode again so that each caption names its plan's required words, where the guide places them
-        (Guide.placement), with the guard's words ruled out."""
+        (Guide.placement), with the guard's words ruled out. A sample always gets the word as subject:
+        placing it anywhere is constrained beam search, which does not sample."""
         results: list[list[Decoded]] = [[] for _ in plans]
-        placements = _group_by([self.guide.placement(plan) for plan in plans], lambda placement: placement)
-        for placement, rows in placements.items():
-            decode = self._rewrite_subjects if placement == "start" else self._rewrite_anywhere
-            decoded = decode(hidden[rows], config, [plans[r] for r in rows])
+        where = ["start" if config.do_sample else self.guide.placement(plan) for plan in plans]
+        for placement, rows in _group_by(where, lambda placement: placement).items():
+            if placement == "start":
+                row_seeds = None if seeds is None else [seeds[r] for r in rows]
+                decoded = self._rewrite_subjects(hidden[rows], config, [plans[r] for r in rows], row_seeds)
+            else:
+                decoded = self._rewrite_anywhere(hidden[rows], config, [plans[r] for r in rows])
             for row, candidates in zip(rows, decoded, strict=True):
                 results[row] = candidates
         return results
 
-    def _rewrite_subjects(self, hidden: torch.Tensor, config, plans: list[Plan]) -> list[list[Decoded]]:
-        """Each caption starts with its word ("a cat ..."): one prefixed beam search, bans per image."""
+    def _rewrite_subjects(
+        self, hidden: torch.Tensor, config, plans: list[Plan], seeds: list[int] | None = None
+    ) -> list[list[Decoded]]:
+        """Each caption starts with its word ("a cat ..."): one prefixed beam search (or sampling), bans
+        per image."""
         guarded = [self.guide.guarded(plan) for plan in plans]
         prefixes = [self.guide.prefix(plan.required[0]) for plan in plans]
         return self.engine.decode_prefixed(
-            hidden, config, prefixes, self.guide.after_subject, self._bans(guarded)
+            hidden, config, prefixes, self.guide.after_subject, self._bans(guarded), seeds
         )
 
     def _rewrite_anywhere(self, hidden: torch.Tensor, config, plans: list[Plan]) -> list[list[Decoded]]:

@@ -5,7 +5,7 @@ generate's time per step goes to work that captioning doesn't need: re-reorderin
 cache of every beam (whose rows are identical within an image), and carrying finished images to the end
 of the batch. This engine runs the same algorithm as transformers' greedy and vectorised beam search
 (same log-softmax, logits processors, top-2k continuations, length penalty and early stopping; the
-searches are in imcap.search), so its captions are token-for-token those of `generate`, but:
+searches are in imcap.search and imcap.stepwise), so its captions are token-for-token those of `generate`, but:
 
 - the encoder runs once per image; every beam reads the same cross-attention keys/values, kept once per
   image (imcap.beam_attention), so only the self-attention cache is reordered between steps;
@@ -17,7 +17,9 @@ searches are in imcap.search), so its captions are token-for-token those of `gen
   memory (imcap.fast_encoder). Folding changes float rounding (~1e-5 on the visual tokens);
   `benchmarks/bench_caption.py` measures that captions stay identical to plain `generate`'s.
 
-Sampling is not here: the Captioner sends it to `generate`, where seeded sampling is reproducible.
+Plain sampling (one beam) runs here too (imcap.stepwise), so guidance applies to sampled captions as to
+searched ones; each row may have its own seed. Beam-search sampling (`num_beams > 1` with sampling) is
+not here: the Captioner sends it to `generate`.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from imcap.search import (
     BeamSearch,
     Decoded,
     Special,
-    greedy,
     logits_processors,
 )
+from imcap.stepwise import greedy, sample
 
 __all__ = ["Bans", "Decoded", "Encoded", "Engine", "EngineOptions"]
 
@@ -118,12 +120,19 @@ class Engine:
 
     @torch.inference_mode()
     def decode(
-        self, hidden: torch.Tensor, config: GenerationConfig, bans: Bans | None = None
+        self,
+        hidden: torch.Tensor,
+        config: GenerationConfig,
+        bans: Bans | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Decoded]]:
-        """Per image, the `num_return_sequences` best captions (best first) under greedy or beam search;
+        """Per image, the `num_return_sequences` best captions (best first) under greedy or beam search,
+        or one sampled caption per image (`config.do_sample`; seeds[b], if given, seeds image b's draws);
         `bans`: what each image's captions may not contain, as `config.bad_words_ids` would for all."""
         config = _with_defaults(config)
         processors = logits_processors(config, self.special)
+        if config.do_sample:
+            return sample(self.decoder, hidden, config, self.special, processors, bans, seeds=seeds)
         if config.num_beams > 1:
             return BeamSearch(self.decoder, hidden, config, self.special, processors, bans=bans).run()
         return greedy(self.decoder, hidden, config, self.special, processors, bans)
@@ -136,11 +145,13 @@ class Engine:
         prefixes: Sequence[Sequence[int]],
         word_continuations: Collection[int] = (),
         bans: Bans | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Decoded]]:
         """Beam search where every caption of image b starts with the tokens prefixes[b] (returned as part
-        of its tokens and score). Images are grouped by prefix length, one search per group; a greedy
-        request is a beam search of width 1. `word_continuations` (imcap.guided.word_continuations) may
-        not follow the prefix, so its last word stays whole ("a dessert", never "a desserters")."""
+        of its tokens and score), or with `config.do_sample` one sampled caption that does (seeds as in
+        `decode`). Images are grouped by prefix length, one search per group; a greedy request is a beam
+        search of width 1. `word_continuations` (imcap.guided.word_continuations) may not follow the
+        prefix, so its last word stays whole ("a dessert", never "a desserters")."""
         config = _with_defaults(config)
         results: list[list[Decoded]] = [[] for _ in prefixes]
         by_length: dict[int, list[int]] = {}
@@ -151,10 +162,13 @@ class Engine:
             if word_continuations and length:
                 processors.append(BanAtPosition(1 + length, sorted(word_continuations)))
             prefix = torch.tensor([list(prefixes[i]) for i in images], device=hidden.device)
-            search = BeamSearch(
-                self.decoder, hidden[images], config, self.special, processors, prefix, _subset(bans, images)
-            )
-            for image, decoded in zip(images, search.run(), strict=True):
+            group = (self.decoder, hidden[images], config, self.special, processors)
+            if config.do_sample:
+                group_seeds = None if seeds is None else [seeds[i] for i in images]
+                found = sample(*group, _subset(bans, images), prefix, group_seeds)
+            else:
+                found = BeamSearch(*group, prefix, _subset(bans, images)).run()
+            for image, decoded in zip(images, found, strict=True):
                 results[image] = decoded
         return results
 
@@ -174,6 +188,8 @@ class Engine:
         `decode`."""
         from imcap.guided import constrained_beam_search  # imported here: guided builds on this module
 
+        if config.do_sample:
+            raise ValueError("constrained decoding is a beam search; it does not sample")
         if len(constraints) != hidden.shape[0]:
             raise ValueError(f"{len(constraints)} constraint lists for {hidden.shape[0]} images")
         guided = [i for i, c in enumerate(constraints) if c]
@@ -208,9 +224,11 @@ def _subset(bans: Bans | None, images: Sequence[int]) -> Bans | None:
 
 
 def _with_defaults(config: GenerationConfig) -> GenerationConfig:
-    """A copy with the fields left unset filled in as `generate` fills them (sampling is refused)."""
-    if config.do_sample:
-        raise ValueError("the engine decodes greedily or with beams; sampling goes through generate")
+    """A copy with the fields left unset filled in as `generate` fills them (beam sampling is refused)."""
+    if config.do_sample and config.num_beams > 1:
+        raise ValueError("the engine samples with one beam; beam-search sampling goes through generate")
+    if config.do_sample and config.num_return_sequences not in (None, 1):
+        raise ValueError("the engine samples one caption per row: repeat the rows for several")
     config = copy.deepcopy(config)
     if config.max_new_tokens is None:
         config.max_new_tokens = (config.max_length or 20) - 1  # the prompt is one start token

@@ -1,9 +1,10 @@
-"""Decoding a batch of images with a GPT-2-style decoder: greedy and beam search as transformers'
-`generate` runs them (same logits processors, top-2k continuations, length penalty and early stopping),
-so the tokens are generate's, with what imcap adds for speed and guidance: images leave the batch once
-their captions are final, every image may ban its own words (`Bans`), and a beam search may start from
-given prefix tokens. `imcap.engine` runs these on the encoder's states; `imcap.guided` builds
-constrained beam search on the same decoder steps.
+"""Decoding a batch of images with a GPT-2-style decoder: beam search as transformers' `generate` runs it
+(same logits processors, top-2k continuations, length penalty and early stopping), so the tokens are
+generate's, with what imcap adds for speed and guidance: images leave the batch once their captions are
+final, every image may ban its own words (`Bans`), and a beam search may start from given prefix tokens.
+The pieces the other searches share live here too (`Decoded`, `Special`, `Bans`, the processors, the
+decoder step); greedy search and sampling are in imcap.stepwise. `imcap.engine` runs them on the
+encoder's states; `imcap.guided` builds constrained beam search on the same decoder steps.
 """
 
 from __future__ import annotations
@@ -135,35 +136,6 @@ def next_logits(decoder, tokens, hidden, cache) -> torch.Tensor:
 
 def next_log_probs(decoder, tokens, hidden, cache) -> torch.Tensor:
     return torch.log_softmax(next_logits(decoder, tokens, hidden, cache), dim=-1)
-
-
-def greedy(decoder, hidden, config, special, processors, bans: Bans | None = None) -> list[list[Decoded]]:
-    """Greedy decoding as `generate` does it: argmax of the processed logits, until end-of-text."""
-    batch, cache = hidden.shape[0], new_cache(decoder)
-    sequences = torch.full((batch, 1), special.start, dtype=torch.long, device=hidden.device)
-    scores = torch.zeros(batch, device=hidden.device)
-    active = torch.arange(batch, device=hidden.device)  # image index of each row still decoding
-    results: list[list[Decoded]] = [[] for _ in range(batch)]
-    for _ in range(config.max_new_tokens):
-        processed = processors(sequences, next_logits(decoder, sequences, hidden, cache))
-        if bans is not None:
-            processed = bans.apply(sequences, processed, active)
-        token = processed.argmax(dim=-1)
-        # generate scores greedy tokens with the processed logits, normalised (see Captioner._generate)
-        scores = scores + torch.log_softmax(processed, dim=-1).gather(1, token[:, None]).squeeze(1)
-        sequences = torch.cat([sequences, token[:, None]], dim=1)
-        finished = torch.isin(token, special.eos.to(token.device))
-        if sequences.shape[1] - 1 == config.max_new_tokens:
-            finished[:] = True
-        for row in finished.nonzero().flatten().tolist():
-            results[active[row]].append(Decoded(sequences[row, 1:].tolist(), float(scores[row])))
-        if finished.all():
-            break
-        if finished.any():  # drop finished images from the batch and their rows from the caches
-            keep = (~finished).nonzero().flatten()
-            sequences, scores, active, hidden = sequences[keep], scores[keep], active[keep], hidden[keep]
-            cache.reorder_cache(keep)
-    return results
 
 
 class BeamSearch:
