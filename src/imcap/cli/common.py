@@ -179,7 +179,9 @@ MinLengthOption = Annotated[int, decoding_option("--min-length", "Minimum new to
 LengthPenaltyOption = Annotated[
     float, decoding_option("--length-penalty", "Beam search: > 1 favours longer captions.")
 ]
-SampleOption = Annotated[bool, decoding_option("--sample", "Sample instead of searching.")]
+SampleOption = Annotated[
+    bool, decoding_option("--sample", "Sample instead of searching (guided too, unless --no-guide).")
+]
 TemperatureOption = Annotated[float, decoding_option("--temperature", "Sampling temperature.")]
 TopKOption = Annotated[int, decoding_option("--top-k", "Sample from the k likeliest tokens (0: all).")]
 TopPOption = Annotated[
@@ -195,4 +197,7 @@ NoRepeatNgramOption = Annotated[
         "Never repeat an n-gram of this size (0: off; default: the model's own, 3 for the shipped model).",
     ),
 ]
-SeedOption = Annotated[int | None, decoding_option("--seed", "Makes sampling reproducible.")]
+SeedOption = Annotated[
+    int | None,
+    decoding_option("--seed", "Makes sampling reproducible, photo by photo (whatever the batch)."),
+]
