@@ -194,7 +194,15 @@ def test_ctrl_c_reports_progress_and_a_rerun_finishes_every_image_once(tmp_path)
         (tmp_path / f"photo{i:03d}.jpg").write_bytes((EXAMPLES / "coffee.jpg").read_bytes())
     out = tmp_path / "out.jsonl"
     imcap_cli = [sys.executable, "-m", "imcap", "caption", str(tmp_path), "-o", str(out), "--batch-size", "1"]
-    process = subprocess.Popen(imcap_cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        imcap_cli,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as from a terminal: a suite started in the background (`cmd &` in a script) ignores SIGINT, and
+        # the child would inherit that, so Python would install no KeyboardInterrupt handler at all
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not (out.exists() and out.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.1)
