@@ -5,7 +5,8 @@ generate's time per step goes to work that captioning doesn't need: re-reorderin
 cache of every beam (whose rows are identical within an image), and carrying finished images to the end
 of the batch. This engine runs the same algorithm as transformers' greedy and vectorised beam search
 (same log-softmax, logits processors, top-2k continuations, length penalty and early stopping; the
-searches are in imcap.search and imcap.stepwise), so its captions are token-for-token those of `generate`, but:
+searches are in imcap.search and imcap.stepwise), so its captions are token-for-token those of
+`generate`, but:
 
 - the encoder runs once per image; every beam reads the same cross-attention keys/values, kept once per
   image (imcap.beam_attention), so only the self-attention cache is reordered between steps;
