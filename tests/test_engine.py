@@ -74,15 +74,20 @@ def engine_tokens(engine: Engine, pixels: torch.Tensor, config, batch_size: int)
     return tokens
 
 
-@pytest.fixture(scope="module")
-def seeing(seeing_model_dir):
-    """The tiny image-dependent model, made to end its captions at different lengths: a random decoder
-    rarely says end-of-text, and batches whose images all run to max_new_tokens test little."""
-    loaded = load_model(seeing_model_dir)
+def load_ending_model(folder, pictures: int):
+    """The tiny image-dependent model, made to end its captions at different lengths (a random decoder
+    rarely says end-of-text, and batches whose images all run to max_new_tokens test little), and the
+    pixels of `pictures` noise pictures."""
+    loaded = load_model(folder)
     with torch.no_grad():
         loaded.model.decoder.lm_head.weight[loaded.model.generation_config.eos_token_id] *= 40
-    pixels = loaded.image_processor(noise_pictures(16), return_tensors="pt")["pixel_values"]
+    pixels = loaded.image_processor(noise_pictures(pictures), return_tensors="pt")["pixel_values"]
     return loaded, pixels
+
+
+@pytest.fixture(scope="module")
+def seeing(seeing_model_dir):
+    return load_ending_model(seeing_model_dir, 16)
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))

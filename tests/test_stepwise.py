@@ -10,10 +10,9 @@ from imcap.concepts import load_concept_table, mentions
 from imcap.engine import Engine, EngineOptions
 from imcap.generation import CaptionOptions, generation_config
 from imcap.guidance import GuidanceSettings, Guide
-from imcap.modeling import load_model
 from imcap.stepwise import sample_seeds
 
-from .test_engine import noise_pictures
+from .test_engine import load_ending_model, noise_pictures
 
 SAMPLING = {
     "plain": CaptionOptions(do_sample=True, max_new_tokens=10),
@@ -26,12 +25,7 @@ SAMPLING = {
 
 @pytest.fixture(scope="module")
 def seeing(seeing_model_dir):
-    """The tiny image-dependent model, made to end its captions at different lengths (as in test_engine)."""
-    loaded = load_model(seeing_model_dir)
-    with torch.no_grad():
-        loaded.model.decoder.lm_head.weight[loaded.model.generation_config.eos_token_id] *= 40
-    pixels = loaded.image_processor(noise_pictures(8), return_tensors="pt")["pixel_values"]
-    return loaded, pixels
+    return load_ending_model(seeing_model_dir, 8)
 
 
 def config_of(loaded, options: CaptionOptions):
