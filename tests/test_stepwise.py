@@ -51,6 +51,50 @@ def test_unseeded_sampling_draws_what_generate_draws_from_the_same_random_state(
             assert got.tokens == expected
 
 
+@pytest.mark.parametrize("name", ["plain", "warped"])
+def test_unseeded_beam_sampling_draws_what_generate_draws_from_the_same_random_state(seeing, name):
+    """Beam-search sampling: 2K continuations drawn per step from the softmax of the beams' warped running
+    scores. One image at a time, from the same random state, the engine returns generate's captions."""
+    loaded, pixels = seeing
+    options = CaptionOptions(**{**SAMPLING[name].to_dict(), "num_beams": 3, "num_return_sequences": 2})
+    config = config_of(loaded, options)
+    engine = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
+    eos = config.eos_token_id
+    with torch.inference_mode():
+        for index, row in enumerate(pixels[:6]):
+            torch.manual_seed(index)
+            out = loaded.model.generate(pixel_values=row[None], generation_config=config)
+            expected = []
+            for sequence in out[:, 1:].tolist():
+                expected.append(sequence[: sequence.index(eos) + 1] if eos in sequence else sequence)
+            torch.manual_seed(index)
+            [got] = engine.decode(engine.encode(row[None]), config)
+            assert [d.tokens for d in got] == expected
+
+
+def test_seeded_beam_sampling_depends_on_the_seed_and_image_alone(seeing):
+    loaded, pixels = seeing
+    engine = Engine(loaded.model)
+    options = CaptionOptions(**{**SAMPLING["warped"].to_dict(), "num_beams": 3, "num_return_sequences": 3})
+    config = config_of(loaded, options)
+    hidden = engine.encode(pixels[:5])
+    seeds = [21, 22, 23, 24, 25]
+
+    def tokens(found):
+        return [[d.tokens for d in candidates] for candidates in found]
+
+    together = tokens(engine.decode(hidden, config, seeds=seeds))
+    alone = [tokens(engine.decode(hidden[i : i + 1], config, seeds=[seeds[i]]))[0] for i in range(5)]
+    assert together == alone
+    assert all(len(candidates) == 3 for candidates in together)
+    assert tokens(engine.decode(hidden, config, seeds=[s + 100 for s in seeds])) != together
+    greedy_beams = tokens(engine.decode(hidden, config_of(loaded, CaptionOptions(num_beams=3))))
+    assert [c[0] for c in together] != [c[0] for c in greedy_beams]  # it samples: not beam search's
+    state = torch.random.get_rng_state()
+    engine.decode(hidden, config, seeds=seeds)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
 def decoded_tokens(engine: Engine, pixels: torch.Tensor, config) -> list[list[list[int]]]:
     return [[d.tokens for d in candidates] for candidates in engine.decode(engine.encode(pixels), config)]
 
@@ -118,12 +162,9 @@ def test_prefixed_samples_start_with_the_prefix(seeing):
         assert len(decoded.tokens) <= len(prefix) + config.max_new_tokens
 
 
-def test_the_engine_refuses_beam_sampling_and_constrained_sampling(seeing):
+def test_the_engine_refuses_constrained_sampling(seeing):
     loaded, _ = seeing
     engine = Engine(loaded.model)
-    beam_sampling = config_of(loaded, CaptionOptions(do_sample=True, num_beams=2))
-    with pytest.raises(ValueError, match="beam-search sampling"):
-        engine.decode(torch.zeros(1, 4, 32), beam_sampling)
     with pytest.raises(ValueError, match="does not sample"):
         engine.decode_guided(torch.zeros(1, 4, 32), config_of(loaded, SAMPLING["plain"]), [[]])
 
@@ -131,7 +172,7 @@ def test_the_engine_refuses_beam_sampling_and_constrained_sampling(seeing):
 def test_captioner_samples_are_independent_and_each_seeded(seeing_model_dir):
     captioner = Captioner.from_pretrained(seeing_model_dir)
     assert captioner.uses_engine(CaptionOptions(do_sample=True))
-    assert not captioner.uses_engine(CaptionOptions(do_sample=True, num_beams=2))  # beam sampling: generate
+    assert captioner.uses_engine(CaptionOptions(do_sample=True, num_beams=2))
     pictures = noise_pictures(3)
     five = captioner(
         pictures, CaptionOptions(do_sample=True, num_return_sequences=5, seed=3, max_new_tokens=8)
@@ -169,3 +210,24 @@ def test_guidance_applies_to_samples(cat_model_dir):
         for candidate in result.candidates:
             assert mentions(candidate.text, ("cat",)) and not mentions(candidate.text, ("dog",))
     assert guided[0].caption == captioner(noise_pictures(3), options)[0].caption  # seeded: reproducible
+
+
+def test_guidance_applies_to_beam_sampling(cat_model_dir):
+    """Beam-search sampling is guided too: every caption of each image names the cat, none says dog, and
+    a seed makes them reproducible photo by photo."""
+    captioner = Captioner.from_pretrained(cat_model_dir)
+    captioner.guide = Guide(
+        load_concept_table(), GuidanceSettings(0.5, 0.5, ("dog",)), captioner.loaded.tokenizer
+    )
+    options = CaptionOptions(
+        do_sample=True, num_beams=3, num_return_sequences=2, seed=0, top_k=50, max_new_tokens=10
+    )
+    guided = captioner(noise_pictures(3), options)
+    unguided = captioner(noise_pictures(3), CaptionOptions(**{**options.to_dict(), "guide": False}))
+    assert not all(mentions(c.text, ("cat",)) for r in unguided for c in r.candidates)  # so guidance acts
+    for result in guided:
+        assert len(result.candidates) == 2
+        for candidate in result.candidates:
+            assert mentions(candidate.text, ("cat",)) and not mentions(candidate.text, ("dog",))
+    assert [r.caption for r in guided] == [r.caption for r in captioner(noise_pictures(3), options)]
+    assert guided[2].caption == captioner(noise_pictures(3)[2], options)[0].caption

@@ -50,9 +50,9 @@ class Captioner:
         self.model = loaded.model.eval()
         self.family = loaded.family  # processor-based checkpoints (imcap.families); None for imcap's own
         self.max_pixels = max_pixels  # images announcing more pixels are refused (see imcap.images)
-        # greedy, beam search and plain sampling of VisionEncoderDecoder models go through imcap's engine
-        # (generate's algorithms, faster, guided); use_engine=False sends everything to plain `generate`,
-        # as beam-search sampling and the prefix and LSTM models always are
+        # every decoding setting of VisionEncoderDecoder models goes through imcap's engine (generate's
+        # algorithms, faster, guided); use_engine=False sends everything to plain `generate`, as the
+        # prefix and LSTM models and processor-based checkpoints always are
         uses_engine = use_engine and isinstance(self.model, VisionEncoderDecoderModel)
         self.engine = Engine(self.model, engine) if uses_engine else None
         encoder_config = getattr(self.model.config, "encoder", None)
@@ -157,9 +157,9 @@ class Captioner:
         return self._generate(inputs, options)
 
     def uses_engine(self, options: CaptionOptions) -> bool:
-        """Whether these options go through imcap's engine: greedy, beam search and plain sampling do;
-        beam-search sampling (do_sample with num_beams > 1) goes to `generate`."""
-        return self.engine is not None and not (options.do_sample and options.num_beams > 1)
+        """Whether these options go through imcap's engine (every decoding setting of a model it runs:
+        greedy, beam search, sampling with one beam or several), or plain `generate`."""
+        return self.engine is not None
 
     def encode(self, pixels: torch.Tensor) -> Encoded:
         """The engine's first half: (B, 3, H, W) -> the states the decoder reads and the concept
@@ -193,8 +193,15 @@ class Captioner:
     ) -> list[list[Decoded]]:
         """Plain sampling: each of an image's `num_return_sequences` samples is a row of its own, drawn
         once (with a seed, sample j from its own seed, `sample_seeds`), and guided as a searched caption
-        is (`_guided_decode`: a sample that misses the sure word is drawn again with it as subject)."""
+        is (`_guided_decode`: a sample that misses the sure word is drawn again with it as subject).
+        Beam-search sampling: one search per image gives its captions (seeded from `sample_seeds`' first
+        seed, as one sample would be)."""
         images, count = encoded.hidden.shape[0], config.num_return_sequences
+        if config.num_beams > 1:
+            image_seeds = None if seed is None else sample_seeds(seed, 1) * images
+            if guided:
+                return self._guided_decode(encoded, config, image_seeds)
+            return self.engine.decode(encoded.hidden, config, seeds=image_seeds)
         rows = torch.arange(images, device=encoded.hidden.device).repeat_interleave(count)
         probs = encoded.concept_probs
         rows_encoded = Encoded(encoded.hidden[rows], None if probs is None else probs[rows.to(probs.device)])
@@ -210,8 +217,8 @@ class Captioner:
     def _guided_decode(self, encoded: Encoded, config, seeds: list[int] | None = None) -> list[list[Decoded]]:
         """Decode with the words guidance rules out banned, then decode again, constrained, the images
         whose caption misses a confident concept (imcap.guidance). Each image has its own banned words,
-        and each pass is one batched engine call all the same (imcap.engine.Bans). With sampling, every
-        row is one sample (`_sampled_decode`) and seeds[row] its seed."""
+        and each pass is one batched engine call all the same (imcap.engine.Bans). With sampling,
+        seeds[row] seeds that row's draws (`_sampled_decode`)."""
         plans = self.guide.plans(encoded.concept_probs)
         per_image = self.engine.decode(encoded.hidden, config, self._bans([p.banned for p in plans]), seeds)
         for row, plan in enumerate(plans):
@@ -234,8 +241,8 @@ class Captioner:
         self, hidden: torch.Tensor, config, plans: list[Plan], seeds: list[int] | None = None
     ) -> list[list[Decoded]]:
         """Decode again so that each caption names its plan's required words, where the guide places them
-        (Guide.placement), with the guard's words ruled out. A sample always gets the word as subject:
-        placing it anywhere is constrained beam search, which does not sample."""
+        (Guide.placement), with the guard's words ruled out. A sampled caption always gets the word as
+        subject: placing it anywhere is constrained beam search, which does not sample."""
         results: list[list[Decoded]] = [[] for _ in plans]
         where = ["start" if config.do_sample else self.guide.placement(plan) for plan in plans]
         for placement, rows in _group_by(where, lambda placement: placement).items():

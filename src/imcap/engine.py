@@ -18,9 +18,9 @@ searches are in imcap.search and imcap.stepwise), so its captions are token-for-
   memory (imcap.fast_encoder). Folding changes float rounding (~1e-5 on the visual tokens);
   `benchmarks/bench_caption.py` measures that captions stay identical to plain `generate`'s.
 
-Plain sampling (one beam) runs here too (imcap.stepwise), so guidance applies to sampled captions as to
-searched ones; each row may have its own seed. Beam-search sampling (`num_beams > 1` with sampling) is
-not here: the Captioner sends it to `generate`.
+Sampling runs here too, so guidance applies to sampled captions as to searched ones: plain sampling (one
+beam, imcap.stepwise) and beam-search sampling (imcap.search.BeamSearch); each row or image may have its
+own seed.
 """
 
 from __future__ import annotations
@@ -127,15 +127,17 @@ class Engine:
         bans: Bans | None = None,
         seeds: Sequence[int] | None = None,
     ) -> list[list[Decoded]]:
-        """Per image, the `num_return_sequences` best captions (best first) under greedy or beam search,
-        or one sampled caption per image (`config.do_sample`; seeds[b], if given, seeds image b's draws);
-        `bans`: what each image's captions may not contain, as `config.bad_words_ids` would for all."""
+        """Per image, the `num_return_sequences` best captions (best first) under greedy or beam search
+        (beam-search sampling with `config.do_sample`), or with one beam one sampled caption per image;
+        seeds[b], if given, seeds image b's draws. `bans`: what each image's captions may not contain, as
+        `config.bad_words_ids` would for all."""
         config = _with_defaults(config)
         processors = logits_processors(config, self.special)
+        if config.num_beams > 1:
+            beams = BeamSearch(self.decoder, hidden, config, self.special, processors, bans=bans, seeds=seeds)
+            return beams.run()
         if config.do_sample:
             return sample(self.decoder, hidden, config, self.special, processors, bans, seeds=seeds)
-        if config.num_beams > 1:
-            return BeamSearch(self.decoder, hidden, config, self.special, processors, bans=bans).run()
         return greedy(self.decoder, hidden, config, self.special, processors, bans)
 
     @torch.inference_mode()
@@ -149,10 +151,11 @@ class Engine:
         seeds: Sequence[int] | None = None,
     ) -> list[list[Decoded]]:
         """Beam search where every caption of image b starts with the tokens prefixes[b] (returned as part
-        of its tokens and score), or with `config.do_sample` one sampled caption that does (seeds as in
-        `decode`). Images are grouped by prefix length, one search per group; a greedy request is a beam
-        search of width 1. `word_continuations` (imcap.guided.word_continuations) may not follow the
-        prefix, so its last word stays whole ("a dessert", never "a desserters")."""
+        of its tokens and score), or with `config.do_sample` beam-search sampling, or with one beam one
+        sampled caption that does (seeds as in `decode`). Images are grouped by prefix length, one
+        search per group; a greedy request is a beam search of width 1. `word_continuations`
+        (imcap.guided.word_continuations) may not follow the prefix, so its last word stays whole ("a
+        dessert", never "a desserters")."""
         config = _with_defaults(config)
         results: list[list[Decoded]] = [[] for _ in prefixes]
         by_length: dict[int, list[int]] = {}
@@ -164,11 +167,11 @@ class Engine:
                 processors.append(BanAtPosition(1 + length, sorted(word_continuations)))
             prefix = torch.tensor([list(prefixes[i]) for i in images], device=hidden.device)
             group = (self.decoder, hidden[images], config, self.special, processors)
-            if config.do_sample:
-                group_seeds = None if seeds is None else [seeds[i] for i in images]
+            group_seeds = None if seeds is None else [seeds[i] for i in images]
+            if config.do_sample and config.num_beams == 1:
                 found = sample(*group, _subset(bans, images), prefix, group_seeds)
             else:
-                found = BeamSearch(*group, prefix, _subset(bans, images)).run()
+                found = BeamSearch(*group, prefix, _subset(bans, images), group_seeds).run()
             for image, decoded in zip(images, found, strict=True):
                 results[image] = decoded
         return results
@@ -225,10 +228,9 @@ def _subset(bans: Bans | None, images: Sequence[int]) -> Bans | None:
 
 
 def _with_defaults(config: GenerationConfig) -> GenerationConfig:
-    """A copy with the fields left unset filled in as `generate` fills them (beam sampling is refused)."""
-    if config.do_sample and config.num_beams > 1:
-        raise ValueError("the engine samples with one beam; beam-search sampling goes through generate")
-    if config.do_sample and config.num_return_sequences not in (None, 1):
+    """A copy with the fields left unset filled in as `generate` fills them."""
+    one_beam_sampling = config.do_sample and config.num_beams == 1
+    if one_beam_sampling and config.num_return_sequences not in (None, 1):
         raise ValueError("the engine samples one caption per row: repeat the rows for several")
     config = copy.deepcopy(config)
     if config.max_new_tokens is None:

@@ -1,6 +1,7 @@
 """Decoding a batch of images with a GPT-2-style decoder: beam search as transformers' `generate` runs it
-(same logits processors, top-2k continuations, length penalty and early stopping), so the tokens are
-generate's, with what imcap adds for speed and guidance: images leave the batch once their captions are
+(same logits processors, top-2k continuations, length penalty and early stopping; with sampling, the 2k
+continuations drawn as generate's beam-search sampling draws them), so the tokens are generate's, with
+what imcap adds for speed and guidance: images leave the batch once their captions are
 final, every image may ban its own words (`Bans`), and a beam search may start from given prefix tokens.
 The pieces the other searches share live here too (`Decoded`, `Special`, `Bans`, the processors, the
 decoder step); greedy search and sampling are in imcap.stepwise. `imcap.engine` runs them on the
@@ -21,6 +22,9 @@ from transformers.generation import (
     NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from imcap.beam_attention import shares_cross_attention
@@ -118,6 +122,27 @@ def logits_processors(
     return processors
 
 
+def sampling_warpers(config: GenerationConfig, min_tokens_to_keep: int = 1) -> LogitsProcessorList:
+    """The warpers `generate` adds for sampling, in its order; settings at their no-op values (temperature
+    1, top-k 0, top-p 1) add none. Beam-search sampling keeps at least one token more than there are
+    end-of-text ids (generate's rule, so that a beam can always go on)."""
+    warpers = LogitsProcessorList()
+    if config.temperature not in (None, 1.0):
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k not in (None, 0):
+        warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=min_tokens_to_keep))
+    if config.top_p not in (None, 1.0):
+        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=min_tokens_to_keep))
+    return warpers
+
+
+def seeded_generators(seeds: Sequence[int] | None, device: torch.device) -> list[torch.Generator] | None:
+    """One generator per row from its seed (None: draw from torch's global generator)."""
+    if seeds is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+
 def new_cache(decoder: nn.Module) -> EncoderDecoderCache:
     return EncoderDecoderCache(DynamicCache(config=decoder.config), DynamicCache(config=decoder.config))
 
@@ -140,7 +165,12 @@ def next_log_probs(decoder, tokens, hidden, cache) -> torch.Tensor:
 
 class BeamSearch:
     """transformers' vectorised beam search (GenerationMixin._beam_search), step for step, with
-    finished images leaving the batch. Shapes: B images, K beams, 2K candidates kept per step."""
+    finished images leaving the batch. Shapes: B images, K beams, 2K candidates kept per step.
+
+    With `config.do_sample` it is generate's beam-search sampling: the log-probs are warped (temperature,
+    top-k, top-p) after the processors and bans, and the 2K candidates are drawn without replacement from
+    the softmax of the beams' running scores instead of taken as the top 2K. seeds[b], if given, seeds
+    image b's draws, so its captions do not depend on the batch; None draws from torch's generator."""
 
     def __init__(
         self,
@@ -151,9 +181,14 @@ class BeamSearch:
         processors,
         prefix: torch.Tensor | None = None,
         bans: Bans | None = None,
+        seeds: Sequence[int] | None = None,
     ):
         self.decoder, self.config, self.special, self.processors = decoder, config, special, processors
         self.bans = bans
+        self.warpers = sampling_warpers(config, len(special.eos) + 1) if config.do_sample else None
+        self.generators = seeded_generators(seeds, hidden.device)
+        if self.generators is not None and len(self.generators) != hidden.shape[0]:
+            raise ValueError(f"{len(self.generators)} seeds for {hidden.shape[0]} images")
         self.shared = shares_cross_attention(decoder)  # one cross-attention cache row per image, not beam
         self.beams, self.keep = config.num_beams, max(2, 1 + len(special.eos)) * config.num_beams
         self.penalty, self.early_stopping = config.length_penalty, config.early_stopping
@@ -213,7 +248,7 @@ class BeamSearch:
             log_probs = self.processors(first, self._prefix_log_probs(first))
         else:
             log_probs = self.processors(first, next_log_probs(self.decoder, first, self.hidden, self.cache))
-        log_probs = self._banned(first, log_probs, rows_per_image=1)
+        log_probs = self._warped(first, self._banned(first, log_probs, rows_per_image=1))
         per_beam = torch.arange(len(first), device=rows.device).repeat_interleave(self.beams)
         if self.shared:
             self.cache.self_attention_cache.reorder_cache(per_beam)
@@ -233,17 +268,37 @@ class BeamSearch:
 
     def _next_step(self, rows: torch.Tensor) -> torch.Tensor:
         log_probs = self.processors(rows, next_log_probs(self.decoder, rows, self.hidden, self.cache))
-        return self._banned(rows, log_probs, rows_per_image=self.beams)
+        return self._warped(rows, self._banned(rows, log_probs, rows_per_image=self.beams))
 
     def _banned(self, rows: torch.Tensor, log_probs: torch.Tensor, rows_per_image: int) -> torch.Tensor:
         if self.bans is None:  # the common, unguided path: nothing to index
             return log_probs
         return self.bans.apply(rows, log_probs, self.images.repeat_interleave(rows_per_image))
 
+    def _warped(self, rows: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+        return log_probs if self.warpers is None else self.warpers(rows, log_probs)
+
+    def _candidates(self, totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 2K) scores, best first, and their indices into the (B, K*V) running totals: the top 2K, or
+        with sampling 2K drawn without replacement (then sorted, as generate does)."""
+        if self.warpers is None:
+            return torch.topk(totals, k=self.keep)
+        probs = torch.softmax(totals, dim=-1)
+        if self.generators is None:
+            index = torch.multinomial(probs, num_samples=self.keep)
+        else:
+            draws = [
+                torch.multinomial(probs[row], num_samples=self.keep, generator=self.generators[image])
+                for row, image in enumerate(self.images.tolist())
+            ]
+            index = torch.stack(draws)
+        scores, order = totals.gather(1, index).sort(dim=-1, descending=True)
+        return scores, index.gather(1, order)
+
     def _step(self, log_probs: torch.Tensor, length: int) -> torch.Tensor:
         batch, beams = self.running.shape[:2]
         totals = (log_probs.view(batch, beams, -1) + self.running_scores[:, :, None]).view(batch, -1)
-        top_scores, top_index = torch.topk(totals, k=self.keep)
+        top_scores, top_index = self._candidates(totals)
         vocab = log_probs.shape[-1]
         source_beam, token = top_index // vocab, top_index % vocab
         candidates = _gather(self.running, source_beam)

@@ -16,14 +16,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 from transformers import GenerationConfig
-from transformers.generation import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from imcap.search import Bans, Decoded, Special, new_cache, next_logits, run_decoder
+from imcap.search import (
+    Bans,
+    Decoded,
+    Special,
+    new_cache,
+    next_logits,
+    run_decoder,
+    sampling_warpers,
+    seeded_generators,
+)
 
 # (sequences, processed logits, rows' indices into the batch) -> (next tokens, the logits they come from)
 Chooser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -59,7 +62,7 @@ def sample(
     """One sampled caption per row of `hidden`. seeds[row] seeds that row's own generator; None draws
     every row from torch's global generator (one batched draw per step)."""
     warpers = sampling_warpers(config)
-    generators = None if seeds is None else [_generator(seed, hidden.device) for seed in seeds]
+    generators = seeded_generators(seeds, hidden.device)
     if generators is not None and len(generators) != hidden.shape[0]:
         raise ValueError(f"{len(generators)} seeds for {hidden.shape[0]} rows")
 
@@ -77,28 +80,11 @@ def sample(
     return _decode(decoder, hidden, config, special, processors, draw, bans, prefix)
 
 
-def sampling_warpers(config: GenerationConfig) -> LogitsProcessorList:
-    """The warpers `generate` adds for sampling with one beam, in its order; settings at their no-op
-    values (temperature 1, top-k 0, top-p 1) add none."""
-    warpers = LogitsProcessorList()
-    if config.temperature not in (None, 1.0):
-        warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k not in (None, 0):
-        warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
-    if config.top_p not in (None, 1.0):
-        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
-    return warpers
-
-
 def sample_seeds(seed: int, count: int) -> list[int]:
     """A seed for each of an image's `count` samples, derived from the user's seed: sample j's draws are
     the same whatever the batch and however many samples are asked for."""
     digests = (hashlib.sha256(f"{seed}:{j}".encode()).digest() for j in range(count))
     return [int.from_bytes(digest[:8], "little") for digest in digests]
-
-
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _decode(
