@@ -23,7 +23,9 @@ def sweep():
 
 def test_grid_has_every_width_at_1_and_penalties_only_for_beam_search(sweep):
     grid = sweep.settings_grid((1, 2, 3), (0.5, 1.0, 2.0), (1, 3))
-    assert grid == [(1, 1.0), (2, 1.0), (3, 1.0), (3, 0.5), (3, 2.0)]
+    assert grid == [(1, 1.0, None), (2, 1.0, None), (3, 1.0, None), (3, 0.5, None), (3, 2.0, None)]
+    with_ngrams = sweep.settings_grid((3,), (1.0,), (3,), (0, 2))
+    assert with_ngrams == [(3, 1.0, None), (3, 1.0, 0), (3, 1.0, 2)]
 
 
 @pytest.mark.skipif(not (SHARED_FLICKR8K / "splits").is_dir(), reason="needs the shared Flickr8k copy")
@@ -34,9 +36,11 @@ def test_a_short_sweep_scores_what_imcap_eval_scores(sweep, tmp_path, capsys):
 
     out = tmp_path / "sweep.json"
     argv = ["--data", str(SHARED_FLICKR8K), "--limit", "8", "--beams", "1", "2", "--penalty-beams", "2"]
+    argv += ["--no-repeat-ngram-sizes", "0"]
     assert sweep.main([*argv, "--length-penalties", "1.0", "2.0", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["beams"], r["length_penalty"]) for r in rows] == [(1, 1.0), (2, 1.0), (2, 2.0)]
+    settings = [(r["beams"], r["length_penalty"], r["no_repeat_ngram_size"]) for r in rows]
+    assert settings == [(1, 1.0, 3), (2, 1.0, 3), (2, 2.0, 3), (2, 1.0, 0)]  # the shipped model blocks 3
     assert "best val CIDEr-D: beams" in capsys.readouterr().out
     report = evaluate(
         Captioner.from_pretrained(),
