@@ -156,10 +156,11 @@ def caption_batches(
 
     Each stage runs with one torch thread and the stages run side by side, one per core: on a small CPU
     that beats running each stage with all cores in turn, because the decoder's many small operations
-    cost more in thread start-up and synchronisation than they gain from a second core. Sampling (and
-    a Captioner without the engine) pipelines only reading and preprocessing. Each file is decoded on
-    its own, so a bad one is only reported. `load` reads other kinds of items (imcap.sources: a shard's
-    images as bytes) into pictures, raising ImageLoadError for a bad one; `paths` then holds those items.
+    cost more in thread start-up and synchronisation than they gain from a second core. A Captioner
+    without the engine (processor-based and prefix/LSTM models) pipelines only reading and
+    preprocessing. Each file is decoded on its own, so a bad one is only reported. `load` reads other
+    kinds of items (imcap.sources: a shard's images as bytes) into pictures, raising ImageLoadError for
+    a bad one; `paths` then holds those items.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

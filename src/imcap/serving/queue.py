@@ -3,9 +3,9 @@
 Requests decode their uploads themselves and `submit` the pictures. A feeder thread forms batches: the
 oldest waiting image, with up to `max_batch - 1` others of the same (model, options), waiting at most
 `max_wait_ms` for company. For a Captioner, worker threads (one torch thread each) then preprocess the
-batch and, for greedy, beam search and plain sampling (`Captioner.uses_engine`), run the encoder, while
-one model thread decodes the batch before it: the pipeline of `imcap.batch.caption_batches`, with
-batches formed across requests. The feeder reads ahead at most `_READ_AHEAD` full batches, and forms a
+batch and, for a model on imcap's engine (`Captioner.uses_engine`), run the encoder, while one model
+thread decodes the batch before it: the pipeline of `imcap.batch.caption_batches`, with batches formed
+across requests. The feeder reads ahead at most `_READ_AHEAD` full batches, and forms a
 batch short of `max_batch` only when the model thread is idle, so that under load batches fill up while
 one is decoded.
 Other callables (stand-ins in tests) are called whole in the model thread, one batch at a time.
