@@ -1,10 +1,10 @@
 """Decoding a batch of images with a GPT-2-style decoder: beam search as transformers' `generate` runs it
 (same logits processors, top-2k continuations, length penalty and early stopping; with sampling, the 2k
 continuations drawn as generate's beam-search sampling draws them), so the tokens are generate's, with
-what imcap adds for speed and guidance: images leave the batch once their captions are
-final, every image may ban its own words (`Bans`), and a beam search may start from given prefix tokens.
-The pieces the other searches share live here too (`Decoded`, `Special`, `Bans`, the processors, the
-decoder step); greedy search and sampling are in imcap.stepwise. `imcap.engine` runs them on the
+what imcap adds for speed and guidance: images leave the batch once their captions are final, every
+image may ban its own words (`Bans`), and a beam search may start from given prefix tokens. The pieces
+the other searches share live here too (`Decoded`, `Special`, `Bans`, the processors and warpers, the
+decoder step); greedy search and plain sampling are in imcap.stepwise. `imcap.engine` runs them on the
 encoder's states; `imcap.guided` builds constrained beam search on the same decoder steps.
 """
 
