@@ -39,7 +39,7 @@ from imcap.encoder import (
 )
 from imcap.encoder import register as register_encoder
 from imcap.families import Family, is_image_to_text, load_processor_model
-from imcap.guidance import GuidanceSettings
+from imcap.guidance_settings import GuidanceSettings
 from imcap.model_sources import ModelLoadError, from_folder_or_hub
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from imcap.guidance import GUIDANCE_FILE
+from imcap.guidance_settings import GUIDANCE_FILE
 from imcap.modeling import load_model, save_model
 
 
