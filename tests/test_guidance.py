@@ -13,7 +13,7 @@ from imcap.captioner import Captioner
 from imcap.concepts import load_concept_table, mentions
 from imcap.engine import Decoded
 from imcap.generation import CaptionOptions
-from imcap.guidance import GuidanceSettings, Guide, Plan
+from imcap.guidance import GuidanceSettings, Guide, Plan, caption_subject
 from imcap.modeling import load_model
 
 TABLE = load_concept_table()
@@ -127,6 +127,43 @@ def test_a_general_name_is_forced_only_when_no_table_word_is_sure(guide):
     [plan] = guarded.plans(probs(gorilla=0.3, chimpanzee=0.25))
     plan.required = ("ape",)
     assert "gorilla" not in guarded.guarded(plan) and "dog" in guarded.guarded(plan)  # the ape's names stay
+
+
+MISSILE, PROJECTILE, GOLDFINCH = (TABLE.wnids.index(w) for w in ("n03773504", "n04008634", "n01531178"))
+
+
+@pytest.mark.parametrize(
+    ("caption", "subject"),
+    [
+        ("A group of birds are standing in the water.", "birds"),
+        ("A man in a red shirt is sitting on a bench.", "a man"),
+        ("Two black dogs run through the grass.", "two black dogs run"),
+        ("A couple of horses with riders.", "horses"),
+    ],
+)
+def test_caption_subject(caption, subject):
+    assert caption_subject(caption) == subject
+
+
+def test_a_subject_the_head_rules_out_gives_way_to_its_best_guess(guide):
+    """Nothing is sure (missile and projectile sum to 0.3 < 0.5): a caption about birds, which the head all
+    but rules out, is decoded again about its best guess; people, unruled-out subjects, guesses under the
+    threshold and an unset threshold leave the caption alone."""
+    settings = dataclasses.replace(
+        guide.settings, fallback_threshold=0.15, ruled_out_threshold=0.01, people_words=("man", "people")
+    )
+    fallback = Guide(TABLE, settings, guide.tokenizer)
+    [plan] = fallback.plans(probs(missile=0.18, projectile=0.12))
+    assert fallback.rewrite_word(plan, "A group of birds are standing in the water.") == "missile"
+    assert fallback.rewrite_word(plan, "A missile is flying in the sky.") is None  # not ruled out
+    assert fallback.rewrite_word(plan, "A group of people are standing in the water.") is None
+    assert fallback.rewrite_word(plan, "A man is standing on a bird.") is None
+    [plan] = fallback.plans(probs(missile=0.18, projectile=0.12, goldfinch=0.02))  # birds not ruled out
+    assert fallback.rewrite_word(plan, "A group of birds are standing in the water.") is None
+    [plan] = fallback.plans(probs(missile=0.1, projectile=0.04))  # the guess is too unsure
+    assert fallback.rewrite_word(plan, "A bird is standing in the water.") is None
+    [plan] = guide.plans(probs(missile=0.18, projectile=0.12))  # fallback_threshold 0: off
+    assert guide.rewrite_word(plan, "A group of birds are standing in the water.") is None
 
 
 CLOCK = TABLE.wnids.index("n02708093")  # analog clock

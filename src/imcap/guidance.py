@@ -33,6 +33,10 @@ chosen on Flickr8k val (`scripts/choose_guidance.py`) and saved with the model (
 - **the named thing stays the subject**: with placement "start", the word after "a zebra" must be one
   that captions put after their subject (`subject_followers`: "is", "in", "with", "running"...), not
   "man" ("a zebra man is sitting on a tree").
+- **no subject the head rules out**: when no word is sure and the caption's subject is one the head all
+  but rules out (below `ruled_out_threshold`: "a group of birds" beside a rocket launch), the caption is
+  decoded again about the head's best guess, if it reaches `fallback_threshold` ("a missile ..."); a
+  people word is never such a subject (the head has no class for people).
 
 imcap.guidance_fit fits the word lists and the people threshold to the training captions.
 """
@@ -200,9 +204,28 @@ class Guide:
         return "anywhere" if self._names_inert(plan) and plan.people_evident else self.settings.placement
 
     def rewrite_word(self, plan: Plan, caption: str) -> str | None:
-        """The word to decode the caption again about, if any: one it misses, or a misused subject."""
+        """The word to decode the caption again about, if any: one it misses, a misused subject, or with
+        nothing sure the best guess instead of a subject the head rules out."""
         word = self._sure_word(plan)
+        if word is None:
+            return self._instead_of_ruled_out(plan, caption)
         return self._missing(word, caption) or self._misused(word, caption)
+
+    def _instead_of_ruled_out(self, plan: Plan, caption: str) -> str | None:
+        """The most probable table word (`unsaid_words` passed over), when it reaches `fallback_threshold`
+        and the caption's subject names only table words below `ruled_out_threshold` (and no people)."""
+        threshold = self.settings.fallback_threshold
+        if not threshold:
+            return None
+        subject = caption_subject(caption)
+        if mentions(subject, self.settings.people_words):  # the head cannot rule people out
+            return None
+        named = [w for w, p in plan.word_probs.items() if mentions(subject, self._compatible[w])]
+        if not named or max(plan.word_probs[w] for w in named) >= self.settings.ruled_out_threshold:
+            return None
+        said = {w: p for w, p in plan.word_probs.items() if w not in self.settings.unsaid_words}
+        guess, prob = max(said.items(), key=lambda item: item[1])
+        return guess if prob >= threshold else None
 
     def _missing(self, word: str | None, caption: str) -> str | None:
         return None if word is None or mentions(caption, self._compatible[word]) else word
@@ -292,6 +315,26 @@ class Guide:
                 self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
             )
         return ids
+
+
+# words that end a caption's subject ("a man in a red shirt is ..." -> "a man"), and the collective nouns
+# whose "of" leads to it ("a group of birds" -> "birds")
+_AFTER_SUBJECT = frozenset(
+    "is are in with on at and of near by under over through from into next beside behind".split()  # noqa: SIM905
+)
+_COLLECTIVES = frozenset("group couple pair team crowd herd flock line pack bunch".split())  # noqa: SIM905
+
+
+def caption_subject(caption: str) -> str:
+    """The words of a caption's subject: those before its first verb or preposition, after "a group of"."""
+    words, subject, i = tokens(caption), [], 0
+    while i < len(words) and words[i] not in _AFTER_SUBJECT:
+        if words[i] in _COLLECTIVES and words[i + 1 : i + 2] == ["of"]:
+            subject, i = [], i + 2  # "a group of birds": the birds are the subject
+            continue
+        subject.append(words[i])
+        i += 1
+    return " ".join(subject)
 
 
 def _class_mask(table: ConceptTable, wnids: Sequence[str], what: str) -> torch.Tensor:

@@ -59,6 +59,13 @@ class GuidanceSettings:
     # on a street", not "a group of people are standing on a street sign"). 0: never anywhere
     people_evident_classes: tuple[str, ...] = ()
     people_evident_threshold: float = 0.0
+    # a subject the head rules out: when nothing reaches `name_threshold` and the caption's subject is a
+    # table word the head gives less than `ruled_out_threshold` ("a group of birds" beside a rocket launch,
+    # birds at 0.001), the caption is decoded again about the head's best guess instead, if that reaches
+    # `fallback_threshold` ("a missile ..." at 0.19): a guess may be wrong, the subject it replaces is.
+    # 0: off
+    fallback_threshold: float = 0.0
+    ruled_out_threshold: float = 0.01
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
     def __post_init__(self):
