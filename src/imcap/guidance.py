@@ -35,7 +35,7 @@ chosen on Flickr8k val (`scripts/choose_guidance.py`) and saved with the model (
   "man" ("a zebra man is sitting on a tree").
 - **no subject the head rules out**: when no word is sure and the caption's subject is one the head all
   but rules out (below `ruled_out_threshold`: "a brown car is sitting on a table" for a cockroach, the
-  car classes at 0.001), the caption is decoded again about the head's best guess, if it reaches
+  car classes at 0.002), the caption is decoded again about the head's best guess, if it reaches
   `fallback_threshold` ("an insect ..."); a people word is never such a subject (the head has no class
   for people).
 
