@@ -195,39 +195,40 @@ def test_captioner_samples_are_independent_and_each_seeded(seeing_model_dir):
 def test_guidance_applies_to_samples(cat_model_dir):
     """The head is sure of a tabby: every sample names the cat (drawn again with it as subject when it
     did not) and none says dog, whatever placement the guide prefers for beam search."""
-    captioner = Captioner.from_pretrained(cat_model_dir)
-    captioner.guide = Guide(
-        load_concept_table(),
-        GuidanceSettings(0.5, 0.5, ("dog",), placement="anywhere"),
-        captioner.loaded.tokenizer,
-    )
+    captioner = cat_captioner(cat_model_dir, placement="anywhere")
     options = CaptionOptions(do_sample=True, num_return_sequences=4, seed=0, max_new_tokens=10)
-    guided = captioner(noise_pictures(3), options)
-    unguided = captioner(noise_pictures(3), CaptionOptions(**{**options.to_dict(), "guide": False}))
-    assert not all(mentions(c.text, ("cat",)) for r in unguided for c in r.candidates)  # so guidance acts
-    for result in guided:
-        assert len(result.candidates) == 4
-        for candidate in result.candidates:
-            assert mentions(candidate.text, ("cat",)) and not mentions(candidate.text, ("dog",))
+    guided = samples_all_name_the_cat(captioner, options)
     assert guided[0].caption == captioner(noise_pictures(3), options)[0].caption  # seeded: reproducible
 
 
 def test_guidance_applies_to_beam_sampling(cat_model_dir):
     """Beam-search sampling is guided too: every caption of each image names the cat, none says dog, and
     a seed makes them reproducible photo by photo."""
-    captioner = Captioner.from_pretrained(cat_model_dir)
-    captioner.guide = Guide(
-        load_concept_table(), GuidanceSettings(0.5, 0.5, ("dog",)), captioner.loaded.tokenizer
-    )
+    captioner = cat_captioner(cat_model_dir)
     options = CaptionOptions(
         do_sample=True, num_beams=3, num_return_sequences=2, seed=0, top_k=50, max_new_tokens=10
     )
-    guided = captioner(noise_pictures(3), options)
-    unguided = captioner(noise_pictures(3), CaptionOptions(**{**options.to_dict(), "guide": False}))
-    assert not all(mentions(c.text, ("cat",)) for r in unguided for c in r.candidates)  # so guidance acts
-    for result in guided:
-        assert len(result.candidates) == 2
-        for candidate in result.candidates:
-            assert mentions(candidate.text, ("cat",)) and not mentions(candidate.text, ("dog",))
+    guided = samples_all_name_the_cat(captioner, options)
     assert [r.caption for r in guided] == [r.caption for r in captioner(noise_pictures(3), options)]
     assert guided[2].caption == captioner(noise_pictures(3)[2], options)[0].caption
+
+
+def cat_captioner(cat_model_dir, placement: str = "start") -> Captioner:
+    """The tabby-head model, guided to name words over 0.5 and rule dog out below 0.5."""
+    captioner = Captioner.from_pretrained(cat_model_dir)
+    settings = GuidanceSettings(0.5, 0.5, ("dog",), placement=placement)
+    captioner.guide = Guide(load_concept_table(), settings, captioner.loaded.tokenizer)
+    return captioner
+
+
+def samples_all_name_the_cat(captioner: Captioner, options: CaptionOptions) -> list:
+    """Three images' guided captions, after checking that each of their `num_return_sequences` candidates
+    names the cat and none says dog, while unguided some do not name it (so guidance acts)."""
+    guided = captioner(noise_pictures(3), options)
+    unguided = captioner(noise_pictures(3), CaptionOptions(**{**options.to_dict(), "guide": False}))
+    assert not all(mentions(c.text, ("cat",)) for r in unguided for c in r.candidates)
+    for result in guided:
+        assert len(result.candidates) == options.num_return_sequences
+        for candidate in result.candidates:
+            assert mentions(candidate.text, ("cat",)) and not mentions(candidate.text, ("dog",))
+    return guided
