@@ -18,9 +18,12 @@ the fitted rules below, for naming and the guard).
    the lower it is, the more captions name a confident concept they would have missed.
 3. The guard (words ruled out of rewritten captions): the largest threshold of its grid that passes.
 4. A best guess instead of a subject the head rules out (below `--ruled-out`): the smallest fallback
-   threshold of its grid that passes, as for naming. On Flickr8k val the rule rarely fires (its
-   subjects are people, whom the rule leaves alone, and things the head sees), so the guard mostly
-   confirms that it costs val nothing.
+   threshold of its grid that passes, as for naming. Only subjects the head rarely misses can be ruled
+   out (`ruled_out_subjects`, imcap.guidance_fit): on the training photos where at least
+   `--subject-min-captions` of the captions say one (`--subject-min-photos` of them at least), the head
+   gives it less than `--ruled-out` on at most `--subject-max-miss`. On Flickr8k val the rule rarely
+   fires (its subjects are people, whom the rule leaves alone, and things the head sees), so the guard
+   mostly confirms that it costs val nothing.
 
 Fitted before the naming sweep, from the training captions (imcap.guidance_fit), and kept through it:
 `subject_followers` (with placement start: the words allowed right after a forced subject),
@@ -65,6 +68,7 @@ from imcap.guidance_fit import (
     no_people_threshold,
     people_classes,
     people_evident_classes,
+    ruled_out_subjects,
     shows_people,
     subject_followers,
 )
@@ -97,6 +101,9 @@ def main() -> None:
     parser.add_argument(
         "--ruled-out", type=float, default=0.01, help="a subject below this probability is ruled out"
     )
+    parser.add_argument("--subject-min-captions", type=int, default=3)
+    parser.add_argument("--subject-min-photos", type=int, default=20)
+    parser.add_argument("--subject-max-miss", type=float, default=0.1)
     parser.add_argument("--no-fitted-rules", action="store_true", help="no subject followers, no people rule")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--write", action="store_true", help="save guidance.json in the model folder")
@@ -179,9 +186,22 @@ def main() -> None:
         if passes(result):
             best = settings
     guarded, before = best, run(best)["captions"]
+    subjects = ruled_out_subjects(
+        probe,
+        train_probs,
+        [r.captions for r in train_records],
+        args.ruled_out,
+        min_photos=args.subject_min_photos,
+        min_captions=args.subject_min_captions,
+        max_miss=args.subject_max_miss,
+    )
+    rows.append({"setting": f"ruled-out subjects below {args.ruled_out}", "subjects": list(subjects)})
     for threshold in sorted(FALLBACK_GRID, reverse=True):  # strict to loose, as for naming
         settings = dataclasses.replace(
-            guarded, fallback_threshold=threshold, ruled_out_threshold=args.ruled_out
+            guarded,
+            fallback_threshold=threshold,
+            ruled_out_threshold=args.ruled_out,
+            ruled_out_subjects=subjects,
         )
         result = run(settings)
         rewritten = sum(result["captions"][k] != before[k] for k in before)

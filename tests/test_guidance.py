@@ -147,14 +147,24 @@ def test_caption_subject(caption, subject):
 
 def test_a_subject_the_head_rules_out_gives_way_to_its_best_guess(guide):
     """Nothing is sure (missile and projectile sum to 0.3 < 0.5): a caption about birds, which the head all
-    but rules out, is decoded again about its best guess; people, unruled-out subjects, guesses under the
-    threshold and an unset threshold leave the caption alone."""
+    but rules out, is decoded again about its best guess; people, unruled-out subjects, subjects the head
+    may miss (not in `ruled_out_subjects`), guesses under the threshold and an unset threshold leave the
+    caption alone."""
     settings = dataclasses.replace(
-        guide.settings, fallback_threshold=0.15, ruled_out_threshold=0.01, people_words=("man", "people")
+        guide.settings,
+        fallback_threshold=0.15,
+        ruled_out_threshold=0.01,
+        ruled_out_subjects=("bird", "car"),
+        people_words=("man", "people"),
     )
     fallback = Guide(TABLE, settings, guide.tokenizer)
     [plan] = fallback.plans(probs(missile=0.18, projectile=0.12))
     assert fallback.rewrite_word(plan, "A group of birds are standing in the water.") == "missile"
+    assert fallback.rewrite_word(plan, "A red car is sitting on a table.") == "missile"
+    assert fallback.rewrite_word(plan, "A horse is jumping over a hurdle.") is None  # the head may miss it
+    assert fallback.rewrite_word(plan, "A red race car is sitting on a table.") is None  # so too "race car"
+    nothing_ruled_out = Guide(TABLE, dataclasses.replace(settings, ruled_out_subjects=()), guide.tokenizer)
+    assert nothing_ruled_out.rewrite_word(plan, "A group of birds are standing in the water.") is None
     assert fallback.rewrite_word(plan, "A missile is flying in the sky.") is None  # not ruled out
     assert fallback.rewrite_word(plan, "A group of people are standing in the water.") is None
     assert fallback.rewrite_word(plan, "A man is standing on a bird.") is None
@@ -167,6 +177,14 @@ def test_a_subject_the_head_rules_out_gives_way_to_its_best_guess(guide):
 
 
 CLOCK = TABLE.wnids.index("n02708093")  # analog clock
+
+
+def test_names_in_finds_every_name_singular_or_plural(guide):
+    assert guide.names_in("Two black dogs run through the grass.") == {"dog"}
+    assert guide.names_in("A red race car.") == {"race car", "car"}
+    assert guide.names_in("A group of birds") == {"bird"}
+    assert guide.names_in("A man is standing.") == set()
+    assert set(guide.words_named("bird")) >= {"bird", "duck", "goose"}
 
 
 def test_things_that_do_not_act_do_not_play(guide):

@@ -6,14 +6,17 @@ import pytest
 import torch
 
 from imcap.concepts import load_concept_table
+from imcap.guidance import GuidanceSettings, Guide
 from imcap.guidance_fit import (
     named_people_classes,
     no_people_threshold,
     people_classes,
     people_evident_classes,
+    ruled_out_subjects,
     shows_people,
     subject_followers,
 )
+from imcap.modeling import load_model
 
 
 def test_subject_followers_are_the_words_after_the_first_subject():
@@ -195,3 +198,26 @@ def test_shipped_living_verbs_are_fitted_on_the_training_captions(flickr8k):
     assert {"playing", "climbing", "eating", "riding"} <= set(fitted)
     assert not {"sitting", "standing", "hanging", "flying", "lying", "building"} & set(fitted)
     assert GuidanceSettings.load(DEFAULT_MODEL_DIR).living_verbs == fitted
+
+
+@pytest.fixture(scope="module")
+def guide() -> Guide:
+    return Guide(load_concept_table(), GuidanceSettings(), load_model().tokenizer)
+
+
+def test_ruled_out_subjects_are_the_names_the_head_rarely_misses_where_captions_say_them(guide):
+    """Birds the head sees on every photo most captions call birds; horses it gives nothing on half of
+    theirs; a name said by fewer than `min_captions` captions, or on fewer than `min_photos` photos, has
+    no say."""
+    goldfinch, sorrel = (guide.table.wnids.index(w) for w in ("n01531178", "n02389026"))
+    birds = ["A bird on a branch."] * 3 + ["A small animal.", "Something yellow."]
+    horses = ["A horse jumps a fence."] * 4 + ["A rider."]
+    probs = torch.zeros(8, 1000)
+    probs[:4, goldfinch] = 0.3
+    probs[4:6, sorrel] = 0.5  # two horses seen, two missed
+    captions = [birds] * 4 + [horses] * 4
+    assert ruled_out_subjects(guide, probs, captions, 0.01, min_photos=4) == ("bird",)
+    assert ruled_out_subjects(guide, probs, captions, 0.01, min_photos=4, max_miss=0.5) == ("bird", "horse")
+    assert ruled_out_subjects(guide, probs, captions, 0.01, min_photos=5) == ()
+    assert ruled_out_subjects(guide, probs, captions, 0.01, min_photos=4, min_captions=4) == ()
+    assert ruled_out_subjects(guide, probs, captions, 0.5, min_photos=4) == ()  # 0.3 < 0.5: all missed

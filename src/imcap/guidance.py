@@ -129,15 +129,37 @@ class Guide:
         return {name for name in names if len(self._ids(name)) == 1}
 
     @functools.cached_property
-    def _words_by_form(self) -> dict[str, tuple[str, ...]]:
-        """Every form of every name (singular and plural: `word_forms`) -> the table words it names. Built
-        on first use, by the best-guess rule only: `mentions` over all ~600 words per caption cost 0.7 ms."""
+    def _words_by_name(self) -> dict[str, tuple[str, ...]]:
+        """Every name of a table word (its own, synonyms, hypernyms) -> the table words it names."""
         index: dict[str, set[str]] = {}
         for word in self.words:
             for name in self._compatible[word]:
-                for form in word_forms(name):
-                    index.setdefault(form, set()).add(word)
-        return {form: tuple(sorted(words)) for form, words in index.items()}
+                index.setdefault(name, set()).add(word)
+        return {name: tuple(sorted(words)) for name, words in index.items()}
+
+    @functools.cached_property
+    def _names_by_form(self) -> dict[str, tuple[str, ...]]:
+        """Every form of every name (singular and plural: `word_forms`) -> the names. Built on first use, by
+        the best-guess rule only: `mentions` over all ~600 words per caption cost 0.7 ms."""
+        index: dict[str, set[str]] = {}
+        for name in self._words_by_name:
+            for form in word_forms(name):
+                index.setdefault(form, set()).add(name)
+        return {form: tuple(sorted(names)) for form, names in index.items()}
+
+    def names_in(self, text: str) -> set[str]:
+        """The names of table words a text says, singular or plural: "two black dogs" -> {"dog"}."""
+        words, index, longest = tokens(text), self._names_by_form, self._longest_form
+        spans = (" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, i + longest + 1))
+        return {name for span in spans for name in index.get(span, ())}
+
+    @functools.cached_property
+    def _longest_form(self) -> int:
+        return max(len(form.split()) for form in self._names_by_form)
+
+    def words_named(self, name: str) -> tuple[str, ...]:
+        """The table words a name names: "bird" -> bird, duck, goose, swan."""
+        return self._words_by_name.get(name, ())
 
     @classmethod
     def for_model(cls, encoder_config, settings: GuidanceSettings | None, tokenizer) -> Guide | None:
@@ -225,17 +247,19 @@ class Guide:
 
     def _instead_of_ruled_out(self, plan: Plan, caption: str) -> str | None:
         """The most probable table word (`unsaid_words` passed over), when it reaches `fallback_threshold`
-        and the caption's subject names only table words below `ruled_out_threshold` (and no people)."""
+        and the caption's subject says only `ruled_out_subjects`, whose table words are all below
+        `ruled_out_threshold` (and no people)."""
         threshold = self.settings.fallback_threshold
         if not threshold:
             return None
         subject = caption_subject(caption)
         if mentions(subject, self.settings.people_words):  # the head cannot rule people out
             return None
-        words = subject.split()
-        spans = {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
-        named = {word for span in spans for word in self._words_by_form.get(span, ())}
-        if not named or max(plan.word_probs[w] for w in named) >= self.settings.ruled_out_threshold:
+        names = self.names_in(subject)
+        if not names or not names <= set(self.settings.ruled_out_subjects):  # a name it may miss stays
+            return None
+        named = {word for name in names for word in self.words_named(name)}
+        if max(plan.word_probs[w] for w in named) >= self.settings.ruled_out_threshold:
             return None
         said = {w: p for w, p in plan.word_probs.items() if w not in self.settings.unsaid_words}
         guess, prob = max(said.items(), key=lambda item: item[1])

@@ -66,6 +66,10 @@ class GuidanceSettings:
     # replaces almost surely is. 0: off
     fallback_threshold: float = 0.0
     ruled_out_threshold: float = 0.01
+    # the only subjects a low probability rules out: names the head rarely misses on the training photos
+    # most of whose captions say them (imcap.guidance_fit.ruled_out_subjects: "bird", "car"; not "horse",
+    # which ImageNet knows only as a sorrel, so show jumpers got 0.001 and became "a dog"). Empty: none
+    ruled_out_subjects: tuple[str, ...] = ()
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
     def __post_init__(self):
@@ -91,6 +95,7 @@ class GuidanceSettings:
             "living_verbs",
             "acting_classes",
             "people_evident_classes",
+            "ruled_out_subjects",
         )
         lists = {key: tuple(raw.get(key, ())) for key in keys}
         return cls(**{**raw, **lists})
