@@ -6,9 +6,14 @@ needs "a model" can have one without the shipped weights; a few tests use the sh
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -20,6 +25,22 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
 TINY_SEED = 1
+
+
+@contextlib.contextmanager
+def script_module(relative: str) -> Iterator[ModuleType]:
+    """A benchmark or script of the repo (they are no package) loaded as a module, in `sys.modules` while
+    in use: dataclasses look their module up there."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
 
 TINY_CAPTIONS = [
     "a dog runs across the green grass",

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from imcap.features import cache_key
 from imcap.training.build import build
 
-from .conftest import REPO, TINY_CAPTIONS
+from .conftest import TINY_CAPTIONS, script_module
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_archs", REPO / "benchmarks" / "bench_archs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def bench():
+    with script_module("benchmarks/bench_archs.py") as module:
+        yield module
 
 
-def test_the_three_recipes_read_the_same_cached_features(tmp_path):
+def test_the_three_recipes_read_the_same_cached_features(tmp_path, bench):
     """Same CNN, same trunk cut, same preprocessing: the key of the cache `imcap train configs/flickr8k.yaml`
     filled, so no architecture extracts features again."""
-    bench = load_bench()
     args = bench.parse_args(["--budget-minutes", "5", "--out-dir", str(tmp_path)])
     keys = set()
     for arch in bench.RECIPES:
@@ -34,8 +30,7 @@ def test_the_three_recipes_read_the_same_cached_features(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["encoder-decoder", "prefix", "lstm"])
-def test_each_recipe_trains_on_the_clock_with_cross_entropy_only(arch, tmp_path):
-    bench = load_bench()
+def test_each_recipe_trains_on_the_clock_with_cross_entropy_only(arch, tmp_path, bench):
     args = bench.parse_args(["--budget-minutes", "7.5", "--out-dir", str(tmp_path), "--train-limit", "9"])
     config = bench.recipe(arch, args)
     assert config.time_budget_minutes == 7.5

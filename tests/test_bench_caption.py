@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from .conftest import REPO
+from .conftest import script_module
 
 KEYS = {
     "baseline_images_per_s",
@@ -24,14 +24,13 @@ KEYS = {
 }
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_caption", REPO / "benchmarks" / "bench_caption.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def bench():
+    with script_module("benchmarks/bench_caption.py") as module:
+        yield module
 
 
-def test_bench_caption_reports_all_keys(tiny_model_dir, tmp_path):
+def test_bench_caption_reports_all_keys(tiny_model_dir, tmp_path, bench):
     rng = np.random.default_rng(1)
     for i in range(5):
         Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
@@ -39,7 +38,7 @@ def test_bench_caption_reports_all_keys(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--images", str(tmp_path), "--list", str(tmp_path / "names.txt"), "--limit", "3"]
     argv += ["--model", str(tiny_model_dir), "--beams", "2", "--max-new-tokens", "6", "--block", "2"]
-    report = load_bench().main([*argv, "--batch-size", "2", "--single", "2", "--json", str(out)])
+    report = bench.main([*argv, "--batch-size", "2", "--single", "2", "--json", str(out)])
     assert set(report) >= KEYS and json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["settings"]["images"] == 3 and report["settings"]["num_beams"] == 2
     assert report["speedup"] > 0 and report["p50_ms_single"] > 0

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
 from imcap.wordnet import WORDNET_DIR
 
-from .conftest import REPO, SHARED_FLICKR8K
+from .conftest import SHARED_FLICKR8K, script_module
 
 IMAGENET_SAMPLE = SHARED_FLICKR8K.parent / "imagenet-sample"
 needs_wordnet = pytest.mark.skipif(
@@ -21,12 +19,8 @@ needs_wordnet = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_naming", REPO / "benchmarks" / "bench_naming.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with script_module("benchmarks/bench_naming.py") as module:
+        yield module
 
 
 def test_scores_on_hand_made_captions(bench):

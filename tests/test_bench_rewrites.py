@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
@@ -12,17 +10,13 @@ from imcap.concepts import load_concept_table
 from imcap.guidance import GuidanceSettings, Guide
 from imcap.modeling import DEFAULT_MODEL_DIR, load_model
 
-from .conftest import REPO
+from .conftest import script_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_rewrites", REPO / "benchmarks" / "bench_rewrites.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with script_module("benchmarks/bench_rewrites.py") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,12 @@ reader that builds the table (imcap.wordnet, scripts/build_concept_table.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
 from imcap.concepts import DEFAULT_TABLE, load_concept_table, mentions, word_forms
 from imcap.wordnet import WORDNET_DIR, WordNetMissingError, read_noun_synsets
 
-from .conftest import REPO, SHARED_FLICKR8K
+from .conftest import SHARED_FLICKR8K, script_module
 
 IMAGENET_SAMPLE = SHARED_FLICKR8K.parent / "imagenet-sample"
 HAS_WORDNET = (WORDNET_DIR / "data.noun").is_file()
@@ -167,14 +164,9 @@ def test_wordnet_reads_synsets_lemmas_and_hypernym_chains():
     not (SHARED_FLICKR8K / "captions.tsv").is_file() or not (IMAGENET_SAMPLE / "labels.tsv").is_file(),
     reason="needs the shared Flickr8k and ImageNet sample copies",
 )
-def test_builder_reproduces_the_shipped_table(monkeypatch):
+def test_builder_reproduces_the_shipped_table():
     """The JSON in the package is exactly what scripts/build_concept_table.py makes (about 10 s)."""
-    spec = importlib.util.spec_from_file_location(
-        "build_concept_table", REPO / "scripts" / "build_concept_table.py"
-    )
-    builder = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, builder)  # dataclasses look their module up there
-    spec.loader.exec_module(builder)
-    wnids = builder.read_wnids(IMAGENET_SAMPLE / "labels.tsv")
-    table = builder.build_table(read_noun_synsets(), wnids, builder.train_captions(SHARED_FLICKR8K))
-    assert builder.table_json(table) == builder.OUTPUT.read_text(encoding="utf-8")
+    with script_module("scripts/build_concept_table.py") as builder:
+        wnids = builder.read_wnids(IMAGENET_SAMPLE / "labels.tsv")
+        table = builder.build_table(read_noun_synsets(), wnids, builder.train_captions(SHARED_FLICKR8K))
+        assert builder.table_json(table) == builder.OUTPUT.read_text(encoding="utf-8")

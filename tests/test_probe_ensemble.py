@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,21 +11,16 @@ import imcap.search
 from imcap.captioner import Captioner
 from imcap.generation import CaptionOptions
 
-from .conftest import REPO
+from .conftest import script_module
 
 
 @pytest.fixture
 def probe(monkeypatch):
-    path = REPO / "benchmarks" / "probe_ensemble.py"
-    spec = importlib.util.spec_from_file_location("probe_ensemble", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
     # the probe patches the engine's cache factory: undo it after the test
     monkeypatch.setattr(imcap.search, "new_cache", imcap.search.new_cache)
     monkeypatch.setattr(imcap.guided, "new_cache", imcap.guided.new_cache)
-    yield module
-    del sys.modules[spec.name]
+    with script_module("benchmarks/probe_ensemble.py") as module:
+        yield module
 
 
 def test_an_ensemble_of_one_model_twice_gives_its_captions(probe, seeing_model_dir):

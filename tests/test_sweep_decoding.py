@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from .conftest import REPO, SHARED_FLICKR8K
+from .conftest import SHARED_FLICKR8K, script_module
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep_decoding", REPO / "benchmarks" / "sweep_decoding.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with script_module("benchmarks/sweep_decoding.py") as module:
+        yield module
 
 
 def test_grid_has_every_width_at_1_and_penalties_only_for_beam_search(sweep):
