@@ -97,6 +97,7 @@ class Guide:
         self._people_evident_classes = _class_mask(table, settings.people_evident_classes, "people_evident")
         self._inert, self._acting_names = self._inert_words(table, settings)
         self._living_verbs = frozenset(settings.living_verbs)
+        self._ruled_out_subjects = frozenset(settings.ruled_out_subjects)
         # tokens that would glue onto a forced word (" zebra" -> " zebrack"): the search keeps them off it
         self.word_continuations = word_continuations(tokenizer)
         # after a forced subject (placement "start"), also every token that is no subject follower
@@ -256,7 +257,7 @@ class Guide:
         if mentions(subject, self.settings.people_words):  # the head cannot rule people out
             return None
         names = self.names_in(subject)
-        if not names or not names <= set(self.settings.ruled_out_subjects):  # a name it may miss stays
+        if not names or not names <= self._ruled_out_subjects:  # a name it may miss stays
             return None
         named = {word for name in names for word in self.words_named(name)}
         if max(plan.word_probs[w] for w in named) >= self.settings.ruled_out_threshold:
