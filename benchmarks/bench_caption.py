@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from imcap.batch import caption_batches, find_images
 from imcap.captioner import Captioner
@@ -201,7 +201,7 @@ def compute_profile(captioner: Captioner, loaded: LoadedModel, path: Path, confi
     Counted on the fp32 engine: ONNX Runtime's work is invisible to torch's counter."""
     pixels, engine = captioner.pixel_values([path]), Engine(loaded.model)
     with torch.inference_mode():
-        with FlopCounterMode(display=False) as encoder_flops:
+        with FlopCounterMode(display=False, custom_mapping=ONEDNN_FLOPS) as encoder_flops:
             hidden = engine.encode(pixels)
         with FlopCounterMode(display=False) as decoder_flops:
             engine.decode(hidden, config)
@@ -215,6 +215,15 @@ def compute_profile(captioner: Captioner, loaded: LoadedModel, path: Path, confi
         "floor_ms_per_image_at_peak": (encoder_gflop + decoder_gflop) / peak * 1000,
         "params_millions": sum(p.numel() for p in loaded.model.parameters()) / 1e6,
     }
+
+
+def _onednn_convolution_flops(x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, out_shape=None):
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+# the engine's pointwise convolutions call oneDNN directly (imcap.fast_encoder), an op torch's counter
+# does not know: the same multiply-adds as the convolution they replace
+ONEDNN_FLOPS = {torch.ops.aten.mkldnn_convolution: _onednn_convolution_flops}
 
 
 def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:

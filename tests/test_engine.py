@@ -177,6 +177,59 @@ def test_padding_and_activations_in_place_give_the_same_numbers(seeing, monkeypa
         assert torch.equal(a.concept_probs, b.concept_probs)
 
 
+def _conv_kernels(encoder, pixels) -> collections.Counter:
+    """How many times each convolution kernel ran while `encoder` encoded `pixels` on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as the pipeline's workers run it
+    try:
+        with torch.inference_mode(), torch.profiler.profile() as profile:
+            encoder(pixel_values=pixels.contiguous(memory_format=torch.channels_last))
+    finally:
+        torch.set_num_threads(threads)
+    return collections.Counter(e.key for e in profile.key_averages() if "conv" in e.key)
+
+
+def test_pointwise_convolutions_run_through_onednn(seeing):
+    """On one thread and a few images PyTorch gives a 1x1 convolution its slow im2col kernel; the engine's
+    encoder sends every pointwise convolution to oneDNN instead, with the same numbers up to rounding.
+    An encoder for ONNX export keeps standard convolutions."""
+    from imcap.fast_encoder import OneDnnConv2d, fast_encoder
+
+    loaded, pixels = seeing
+    fast = Engine(loaded.model).encoder
+    standard = fast_encoder(loaded.model.encoder, onednn=False)
+    pointwise = [m for m in standard.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    swapped = [m for m in fast.modules() if isinstance(m, OneDnnConv2d)]
+    assert len(swapped) == len(pointwise) > 0
+    assert not any(isinstance(m, OneDnnConv2d) for m in standard.modules())
+
+    few = pixels[:4]
+    assert _conv_kernels(standard, few)["aten::_slow_conv2d_forward"] > 0  # PyTorch's own choice
+    assert _conv_kernels(fast, few)["aten::_slow_conv2d_forward"] == 0
+    with torch.inference_mode():
+        a = fast(pixel_values=few.contiguous(memory_format=torch.channels_last))
+        b = standard(pixel_values=few.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(a.last_hidden_state, b.last_hidden_state, atol=1e-4, rtol=1e-4)
+    if getattr(a, "concept_logits", None) is not None:
+        assert torch.allclose(a.concept_logits, b.concept_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_encoder_is_exported_without_onednn_convolutions(seeing, monkeypatch):
+    from imcap import accel
+    from imcap.fast_encoder import OneDnnConv2d
+
+    exported = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, encoder, image_size):
+            super().__init__()
+            exported.append(encoder)
+
+    monkeypatch.setattr(accel, "OnnxEncoder", Recorder)
+    Engine(seeing[0].model, EngineOptions(onnx_encoder=True))
+    assert exported and not any(isinstance(m, OneDnnConv2d) for m in exported[0].modules())
+
+
 @pytest.mark.parametrize("size", [16, 17])
 @pytest.mark.parametrize(("kernel", "stride", "groups"), [(3, 2, 1), (3, 2, 4), (5, 2, 4), (3, 1, 4)])
 def test_padding_inside_a_convolution_is_tf_same_padding(size, kernel, stride, groups):

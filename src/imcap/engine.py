@@ -15,7 +15,8 @@ searches are in imcap.search and imcap.stepwise), so its captions are token-for-
   caption doesn't make the whole batch pay for it (leaving copies the other rows' caches: one image at a
   time cost more than it saved);
 - our EfficientNet-Lite encoder runs with BatchNorm folded into its convolutions and channels-last
-  memory (imcap.fast_encoder). Folding changes float rounding (~1e-5 on the visual tokens);
+  memory, its pointwise convolutions always run by oneDNN (imcap.fast_encoder). Folding and oneDNN
+  change float rounding (~1e-5 on the visual tokens);
   `benchmarks/bench_caption.py` measures that captions stay identical to plain `generate`'s.
 
 Sampling runs here too, so guidance applies to sampled captions as to searched ones: plain sampling (one
@@ -71,9 +72,10 @@ class EngineOptions:
     int8_decoder: bool = False
     # A CNN's activations for many images at once spill out of the CPU caches, while the decoder's cost
     # per step barely grows with the batch: so the encoder takes a batch in slices and the decoder takes
-    # it whole. None picks the slice by the calling thread's torch threads, as measured for lite2 at 260
-    # px on a 2-core machine: one image at a time on one thread (50 ms, vs 67 ms each in fours), four
-    # at a time on two (32 ms each, vs ~50 ms one by one).
+    # it whole. None means four images a slice, as measured for lite2 at 260 px on a 2-core machine:
+    # on one thread 18 ms an image (23 one by one, 20 in eights, 27 in sixteens), on two 10 ms (16 one
+    # by one). Before the pointwise convolutions went through oneDNN (imcap.fast_encoder), one thread
+    # did best one image at a time.
     encoder_batch: int | None = None
 
     def __post_init__(self):
@@ -90,7 +92,9 @@ class Engine:
         from imcap import accel  # imported here: the options it serves are opt-in
 
         self.model, self.options = model, options or EngineOptions()
-        self.encoder = fast_encoder(model.encoder) if self.options.fold_batchnorm else model.encoder
+        self.encoder = model.encoder
+        if self.options.fold_batchnorm:  # an ONNX graph keeps to standard operators (its runtime picks)
+            self.encoder = fast_encoder(model.encoder, onednn=not self.options.onnx_encoder)
         if self.options.onnx_encoder:
             self.encoder = accel.OnnxEncoder(self.encoder, model.encoder.config.image_size)
         decoder = accel.int8_decoder(model.decoder) if self.options.int8_decoder else model.decoder
@@ -108,7 +112,7 @@ class Engine:
         pixels = pixel_values.to(device=self.model.device, dtype=self.model.dtype)
         if isinstance(self.encoder, EfficientNetLiteEncoder):
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        step = self.options.encoder_batch or (1 if torch.get_num_threads() == 1 else 4)
+        step = self.options.encoder_batch or 4
         outputs = [self.encoder(pixel_values=pixels[i : i + step]) for i in range(0, len(pixels), step)]
         hidden = torch.cat([out.last_hidden_state for out in outputs])
         logits = [getattr(out, "concept_logits", None) for out in outputs]

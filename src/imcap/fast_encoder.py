@@ -1,6 +1,7 @@
 """A faster copy of imcap's EfficientNet-Lite encoder for inference: BatchNorm folded into the
-convolutions, TF-"same" padding inside them, ReLU6 in place, channels-last memory. The numbers change only
-by float rounding (folding, ~1e-5 on the visual tokens); padding and in-place activations are exact.
+convolutions, TF-"same" padding inside them, ReLU6 in place, pointwise convolutions always through oneDNN,
+channels-last memory. The numbers change only by float rounding (folding and oneDNN, ~1e-5 on the visual
+tokens); padding and in-place activations are exact.
 `imcap.engine` runs it; the model itself keeps its layers for training, saving and plain `generate`.
 """
 
@@ -16,11 +17,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from imcap.encoder import EfficientNetLiteEncoder
 
 
-def fast_encoder(encoder: nn.Module) -> nn.Module:
+def fast_encoder(encoder: nn.Module, onednn: bool = True) -> nn.Module:
     """A copy of our CNN encoder with BatchNorm folded into the convolutions, in channels-last memory.
 
     Other encoders (ViT, ...) are returned as they are. The model itself is left untouched, so that
-    training, saving and plain `generate` keep the original layers.
+    training, saving and plain `generate` keep the original layers. `onednn=False` leaves the pointwise
+    convolutions to PyTorch's choice of kernel (`OneDnnConv2d`), as a graph exporter needs.
     """
     if not isinstance(encoder, EfficientNetLiteEncoder) or encoder.training:
         return encoder
@@ -36,7 +38,54 @@ def fast_encoder(encoder: nn.Module) -> nn.Module:
         _fold_blocks(concept_tail.blocks)
     pad_in_convolutions(fast)
     _activations_in_place(fast)
+    if onednn and torch.backends.mkldnn.is_available():
+        pointwise_through_onednn(fast)
     return fast.to(memory_format=torch.channels_last)
+
+
+class OneDnnConv2d(nn.Module):
+    """A convolution (no padding module of its own) that oneDNN runs whatever the batch and thread count.
+
+    PyTorch sends a 1x1 convolution of fewer than 16 images on one thread to its own im2col + BLAS kernel
+    instead ("THNN is faster when single-threaded": `use_mkldnn` in aten/src/ATen/native/Convolution.cpp).
+    With the MKL of the x86 wheels on this AMD CPU, that kernel ran lite2's pointwise convolutions, most of
+    its FLOPs, at about half oneDNN's speed: the whole encoder 29-38 against 17-21 ms per image on one
+    thread, and one thread per stage is how `imcap.batch` runs it. With two threads PyTorch picks oneDNN
+    itself, so there this changes nothing.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding, self.dilation, self.groups = (
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mkldnn_convolution(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
+        )
+
+
+def pointwise_through_onednn(encoder: nn.Module) -> int:
+    """Replace every 1x1 convolution (on float32) by an `OneDnnConv2d` with the same weights; returns how
+    many. A TF-"same" 1x1 convolution pads nothing, so its padding module is an identity."""
+    swapped = 0
+    for module in list(encoder.modules()):
+        for name, conv in list(module.named_children()):
+            if (
+                isinstance(conv, nn.Conv2d)
+                and conv.kernel_size == (1, 1)
+                and conv.padding == (0, 0)
+                and conv.padding_mode == "zeros"
+                and conv.weight.dtype == torch.float32
+            ):
+                setattr(module, name, OneDnnConv2d(conv))
+                swapped += 1
+    return swapped
 
 
 def _activations_in_place(encoder: nn.Module) -> None:
