@@ -33,6 +33,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
@@ -255,6 +256,8 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        # plain `generate` is transformers' code: its speed (the baseline) moves with the version
+        "transformers": transformers.__version__,
         "python": platform.python_version(),
         "load_average_1m": os.getloadavg()[0],
     }

@@ -21,6 +21,7 @@ from transformers import (
 from imcap.batch import caption_batches
 from imcap.captioner import Captioner
 from imcap.engine import Engine, EngineOptions
+from imcap.fast_encoder import onednn_pointwise_pays
 from imcap.generation import CaptionOptions, generation_config
 from imcap.images import ImageLoadError
 from imcap.modeling import load_model
@@ -189,6 +190,7 @@ def _conv_kernels(encoder, pixels) -> collections.Counter:
     return collections.Counter(e.key for e in profile.key_averages() if "conv" in e.key)
 
 
+@pytest.mark.skipif(not onednn_pointwise_pays(), reason="the engine uses oneDNN's 1x1 kernel on x86-64 only")
 def test_pointwise_convolutions_run_through_onednn(seeing):
     """On one thread and a few images PyTorch gives a 1x1 convolution its slow im2col kernel; the engine's
     encoder sends every pointwise convolution to oneDNN instead, with the same numbers up to rounding.

@@ -8,6 +8,7 @@ tokens); padding and in-place activations are exact.
 from __future__ import annotations
 
 import copy
+import platform
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ def fast_encoder(encoder: nn.Module, onednn: bool = True) -> nn.Module:
         _fold_blocks(concept_tail.blocks)
     pad_in_convolutions(fast)
     _activations_in_place(fast)
-    if onednn and torch.backends.mkldnn.is_available():
+    if onednn and onednn_pointwise_pays():
         pointwise_through_onednn(fast)
     return fast.to(memory_format=torch.channels_last)
 
@@ -68,6 +69,12 @@ class OneDnnConv2d(nn.Module):
         return torch.mkldnn_convolution(
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
         )
+
+
+def onednn_pointwise_pays() -> bool:
+    """Where `OneDnnConv2d` was measured to pay: x86-64 with oneDNN built in. Elsewhere (ARM, whose BLAS
+    behind PyTorch's own kernel is another library) PyTorch keeps its choice."""
+    return torch.backends.mkldnn.is_available() and platform.machine().lower() in {"x86_64", "amd64"}
 
 
 def pointwise_through_onednn(encoder: nn.Module) -> int:
