@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import threading
 
 import numpy as np
 import pytest
@@ -322,6 +323,53 @@ def test_caption_batches_keeps_order_and_reports_bad_files(seeing_model_dir, tmp
     assert len(failed) == 1 and isinstance(failed[0], ImageLoadError) and "broken.jpg" in str(failed[0])
     direct = captioner([p for p in paths if p != broken], options)
     assert [r.caption for b in batches for r in b.results] == [r.caption for r in direct]
+
+
+def test_each_batch_is_encoded_in_one_slice_per_worker(seeing_model_dir, tmp_path, monkeypatch):
+    """With two cores a batch is read and encoded as two slices by the two workers, then decoded as one
+    batch: the same captions as captioning it whole; a slice whose files are all broken only reports them."""
+    captioner = Captioner.from_pretrained(seeing_model_dir)
+    paths = []
+    for i, picture in enumerate(noise_pictures(6)):
+        paths.append(tmp_path / f"{i}.png")
+        picture.save(paths[-1])
+    broken = [tmp_path / "broken-a.jpg", tmp_path / "broken-b.jpg"]
+    for path in broken:
+        path.write_bytes(b"not an image")
+    paths[4:4] = broken  # the second batch of four: one slice of two broken files, one of two pictures
+    calls = []
+    encode = captioner.encode
+
+    def recording(pixels):
+        calls.append((threading.current_thread().name, len(pixels)))
+        return encode(pixels)
+
+    monkeypatch.setattr(captioner, "encode", recording)
+    options = CaptionOptions(num_beams=2, max_new_tokens=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batches = list(caption_batches(captioner, paths, options, batch_size=4))
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(b.results) for b in batches] == [4, 2]
+    assert [len(b.failed) for b in batches] == [0, 2]
+    assert sorted(size for _, size in calls) == [2, 2, 2]  # every slice with a picture, encoded apart
+    assert all(name.startswith("imcap-read") for name, _ in calls)
+    good = [p for p in paths if p not in broken]
+    assert [p for b in batches for p in b.paths] == good
+    direct = captioner(good, options)
+    assert [r.caption for b in batches for r in b.results] == [r.caption for r in direct]
+
+
+@pytest.mark.parametrize(("count", "expected"), [(2, [3, 2]), (1, [5]), (8, [1, 1, 1, 1, 1])])
+def test_slices_of_cuts_contiguous_near_equal_slices(count, expected):
+    from imcap.batch import slices_of
+
+    items = list(range(5))
+    slices = slices_of(items, count)
+    assert [len(s) for s in slices] == expected
+    assert [x for s in slices for x in s] == items
 
 
 def test_candidates_carry_the_same_tokens_on_both_paths(seeing):

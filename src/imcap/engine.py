@@ -61,6 +61,15 @@ class Encoded:
     hidden: torch.Tensor  # (B, S, D_decoder)
     concept_probs: torch.Tensor | None = None  # (B, 1000) ImageNet probabilities (concept-head models)
 
+    @staticmethod
+    def joined(parts: Sequence[Encoded]) -> Encoded:
+        """Slices of one batch, encoded apart (by different threads), as one batch in order."""
+        if len(parts) == 1:
+            return parts[0]
+        probs = [part.concept_probs for part in parts]
+        joined_probs = None if any(p is None for p in probs) else torch.cat(probs)
+        return Encoded(torch.cat([part.hidden for part in parts]), joined_probs)
+
 
 @dataclass(frozen=True)
 class EngineOptions:

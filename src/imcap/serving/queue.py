@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
+from imcap.batch import slices_of
 from imcap.captioner import Captioner, CaptionResult
 from imcap.engine import Encoded
 from imcap.generation import CaptionOptions
@@ -217,7 +218,7 @@ class Batcher:
             return None
         images = [item.image for item in items]
         # a processor's output (imcap.families) is not cut and joined again: one slice
-        slices = _slices(images, self.threads if captioner.family is None else 1)
+        slices = slices_of(images, self.threads if captioner.family is None else 1)
         return [self._pool.submit(_prepared, captioner, part, options) for part in slices]
 
     # --- the model thread ---------------------------------------------------------------------------------
@@ -294,21 +295,11 @@ def _prepared(captioner: Captioner, images: list[Image.Image], options: CaptionO
     return captioner.encode(pixels) if captioner.uses_engine(options) else pixels
 
 
-def _slices(images: list, count: int) -> list[list]:
-    """`images` in up to `count` contiguous slices of near-equal size."""
-    size = math.ceil(len(images) / max(1, min(count, len(images))))
-    return [images[start : start + size] for start in range(0, len(images), size)]
-
-
 def _joined(parts: list):
     """The workers' slices as one batch: Encoded or pixel tensors concatenated in order."""
-    if len(parts) == 1:
-        return parts[0]
     if isinstance(parts[0], Encoded):
-        probs = [part.concept_probs for part in parts]
-        joined_probs = None if any(p is None for p in probs) else torch.cat(probs)
-        return Encoded(torch.cat([part.hidden for part in parts]), joined_probs)
-    return torch.cat(parts)
+        return Encoded.joined(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _rows(prepared, rows: list[int]):
