@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--min-sure-images", type=int, default=10)
     parser.add_argument("--max-wrong-no-people", type=float, default=0.15)
     parser.add_argument(
-        "--ruled-out", type=float, default=0.01, help="a subject below this probability is ruled out"
+        "--ruled-out", type=float, default=0.05, help="a subject below this probability is ruled out"
     )
     parser.add_argument("--subject-min-captions", type=int, default=3)
     parser.add_argument("--subject-min-photos", type=int, default=20)
@@ -187,7 +187,7 @@ def main() -> None:
             best = settings
     guarded, before = best, run(best)["captions"]
     subjects = ruled_out_subjects(
-        probe,
+        Guide(captioner.concepts, guarded, probe.tokenizer),  # "nothing sure" by the chosen naming
         train_probs,
         [r.captions for r in train_records],
         args.ruled_out,

@@ -222,13 +222,13 @@ class Guide:
         """The most probable word over `name_threshold` that the caption does not name, if any (words
         captions do not say, `unsaid_words`, are passed over). When no word is that sure, the most
         specific of `generic_words` that is (fewest classes, then most probable)."""
-        return self._missing(self._sure_word(plan), caption)
+        return self._missing(self.sure_word(plan), caption)
 
     def misused_subject(self, plan: Plan, caption: str) -> str | None:
         """The sure word, when it does not act and the caption has it do what only the living do ("a clock
         is playing with a toy"): the words before the caption's first living verb name it and nothing
         that acts (so "a man is playing a guitar" stays)."""
-        return self._misused(self._sure_word(plan), caption)
+        return self._misused(self.sure_word(plan), caption)
 
     def placement(self, plan: Plan) -> str:
         """Where the rewrite puts the plan's word: `placement`, but "anywhere" for a thing that does not act
@@ -241,7 +241,7 @@ class Guide:
     def rewrite_word(self, plan: Plan, caption: str) -> str | None:
         """The word to decode the caption again about, if any: one it misses, a misused subject, or with
         nothing sure the best guess instead of a subject the head rules out."""
-        word = self._sure_word(plan)
+        word = self.sure_word(plan)
         if word is None:
             return self._instead_of_ruled_out(plan, caption)
         return self._missing(word, caption) or self._misused(word, caption)
@@ -285,7 +285,7 @@ class Guide:
         """Whether the plan requires a word for a thing that does not act."""
         return any(word in self._inert for word in plan.required)
 
-    def _sure_word(self, plan: Plan) -> str | None:
+    def sure_word(self, plan: Plan) -> str | None:
         """The most probable table word at `name_threshold` or over (`unsaid_words` passed over); when none
         is, the most specific sure one of `generic_words` (fewest classes, then most probable)."""
         threshold = self.settings.name_threshold

@@ -285,10 +285,12 @@ def ruled_out_subjects(
 ) -> tuple[str, ...]:
     """The names (imcap.guidance.Guide.names_in) whose table words all falling below `threshold` rules them
     out: of the photos where at least `min_captions` of the captions say the name (its main subject, not a
-    car in the background; at least `min_photos` such photos), the head gives all the name's table words
-    less than `threshold` on at most `max_miss`. `probs` are the head's (N, 1000) probabilities for the
-    photos whose `captions` these are. On Flickr8k's training photos at 0.01: "bird" (none of 33 photos
-    below) and "car" (4 of 61), not "horse" (20 of 52) or "ball" (82 of 267)."""
+    car in the background; at least `min_photos` such photos), at most `max_miss` are photos the rule would
+    rewrite, where the head gives all the name's table words less than `threshold` *and* is sure of
+    nothing (`guide`'s settings: the best-guess rule waits for that). `probs` are the head's (N, 1000)
+    probabilities for the photos whose `captions` these are. On Flickr8k's training photos at 0.05:
+    "bird" qualifies (8 of 33 photos below, all of them with a sure word, such as the dog carrying the
+    bird), "horse" does not (20 of 52 below 0.01 with nothing sure: the show jumpers)."""
     said: dict[str, list[int]] = {}
     for photo, photo_captions in enumerate(captions):
         counts = Counter(name for caption in photo_captions for name in guide.names_in(caption))
@@ -296,6 +298,7 @@ def ruled_out_subjects(
             if count >= min_captions:
                 said.setdefault(name, []).append(photo)
     word_probs = guide.word_probabilities(probs)
+    unsure = torch.tensor([guide.sure_word(plan) is None for plan in guide.plans(probs)])
     column = {word: i for i, word in enumerate(guide.words)}
     found = []
     for name, photos in sorted(said.items()):
@@ -303,6 +306,7 @@ def ruled_out_subjects(
             continue
         columns = [column[word] for word in guide.words_named(name)]
         best = word_probs[photos][:, columns].max(dim=1).values
-        if float((best < threshold).float().mean()) <= max_miss:
+        rewritten = (best < threshold) & unsure[photos]
+        if float(rewritten.float().mean()) <= max_miss:
             found.append(name)
     return tuple(found)

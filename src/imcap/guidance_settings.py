@@ -66,9 +66,10 @@ class GuidanceSettings:
     # replaces almost surely is. 0: off
     fallback_threshold: float = 0.0
     ruled_out_threshold: float = 0.01
-    # the only subjects a low probability rules out: names the head rarely misses on the training photos
-    # most of whose captions say them (imcap.guidance_fit.ruled_out_subjects: "bird", "car"; not "horse",
-    # which ImageNet knows only as a sorrel, so show jumpers got 0.001 and became "a dog"). Empty: none
+    # the only subjects a low probability rules out: names the head rarely misses, with nothing else sure,
+    # on the training photos most of whose captions say them (imcap.guidance_fit.ruled_out_subjects:
+    # "bird"; not "horse", which ImageNet knows only as a sorrel, so show jumpers got 0.001 and became "a
+    # dog"). Empty: none
     ruled_out_subjects: tuple[str, ...] = ()
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
