@@ -21,7 +21,9 @@ the fitted rules below, for naming and the guard).
    threshold of its grid that passes, as for naming. Only subjects the head rarely misses can be ruled
    out (`ruled_out_subjects`, imcap.guidance_fit): on the training photos where at least
    `--subject-min-captions` of the captions say one (`--subject-min-photos` of them at least), the head
-   gives it less than `--ruled-out` on at most `--subject-max-miss`. On Flickr8k val the rule rarely
+   gives it less than `--ruled-out` while sure of nothing else (where the rule would fire) on at most
+   `--subject-max-miss`. `--ruled-out` is 0.05: there bird qualifies (its photos under 0.05 all show
+   something sure beside it, a dog carrying the bird), car and boat do not. On Flickr8k val the rule rarely
    fires (its subjects are people, whom the rule leaves alone, and things the head sees), so the guard
    mostly confirms that it costs val nothing.
 

@@ -34,10 +34,10 @@ chosen on Flickr8k val (`scripts/choose_guidance.py`) and saved with the model (
   that captions put after their subject (`subject_followers`: "is", "in", "with", "running"...), not
   "man" ("a zebra man is sitting on a tree").
 - **no subject the head rules out**: when no word is sure and the caption's subject is one the head all
-  but rules out (below `ruled_out_threshold`: "a brown car is sitting on a table" for a cockroach, the
-  car classes at 0.002), the caption is decoded again about the head's best guess, if it reaches
-  `fallback_threshold` ("an insect ..."); a people word is never such a subject (the head has no class
-  for people).
+  but rules out (below `ruled_out_threshold`: "a bird is sitting on a wall" for red wine, the bird
+  words at 0.013), the caption is decoded again about the head's best guess, if it reaches
+  `fallback_threshold`; only `ruled_out_subjects` can be ruled out, and a people word is never such a
+  subject (the head has no class for people).
 
 imcap.guidance_fit fits the word lists and the people threshold to the training captions.
 """

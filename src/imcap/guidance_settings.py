@@ -60,10 +60,9 @@ class GuidanceSettings:
     people_evident_classes: tuple[str, ...] = ()
     people_evident_threshold: float = 0.0
     # a subject the head rules out: when nothing reaches `name_threshold` and the caption's subject is a
-    # table word the head gives less than `ruled_out_threshold` ("a brown car" for a cockroach, the car
-    # classes at 0.002), the caption is decoded again about the head's best guess instead, if that
-    # reaches `fallback_threshold` ("an insect ..." at 0.14): a guess may be wrong, the subject it
-    # replaces almost surely is. 0: off
+    # table word the head gives less than `ruled_out_threshold` ("a bird" for red wine, the bird words at
+    # 0.013), the caption is decoded again about the head's best guess instead, if that reaches
+    # `fallback_threshold`: a guess may be wrong, the subject it replaces almost surely is. 0: off
     fallback_threshold: float = 0.0
     ruled_out_threshold: float = 0.01
     # the only subjects a low probability rules out: names the head rarely misses, with nothing else sure,
