@@ -50,7 +50,9 @@ def variants(guide: Guide) -> dict[str, Guide]:
     return {
         "off": dataclasses.replace(settings, fallback_threshold=0.0),
         "saved": settings,
-        "any subject": dataclasses.replace(settings, ruled_out_subjects=tuple(sorted(every_name))),
+        "any subject": dataclasses.replace(
+            settings, ruled_out_subjects=tuple(sorted(every_name)), ruled_out_thresholds={}
+        ),
     }
 
 

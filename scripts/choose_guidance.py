@@ -21,9 +21,10 @@ the fitted rules below, for naming and the guard).
    threshold of its grid that passes, as for naming. Only subjects the head rarely misses can be ruled
    out (`ruled_out_subjects`, imcap.guidance_fit): on the training photos where at least
    `--subject-min-captions` of the captions say one (`--subject-min-photos` of them at least), the head
-   gives it less than `--ruled-out` while sure of nothing else (where the rule would fire) on at most
-   `--subject-max-miss`. `--ruled-out` is 0.05: there bird qualifies (its photos under 0.05 all show
-   something sure beside it, a dog carrying the bird), car and boat do not. On Flickr8k val the rule rarely
+   gives it less than the threshold while sure of nothing else (where the rule would fire) on at most
+   `--subject-max-miss`; each subject gets the highest of the `--ruled-out` thresholds (0.01, 0.02, 0.05)
+   at which it qualifies (`ruled_out_thresholds`): bird 0.05 (its photos under 0.05 all show something
+   sure beside it, a dog carrying the bird), car and boat 0.02. On Flickr8k val the rule rarely
    fires (its subjects are people, whom the rule leaves alone, and things the head sees), so the guard
    mostly confirms that it costs val nothing.
 
@@ -70,7 +71,7 @@ from imcap.guidance_fit import (
     no_people_threshold,
     people_classes,
     people_evident_classes,
-    ruled_out_subjects,
+    ruled_out_limits,
     shows_people,
     subject_followers,
 )
@@ -101,7 +102,11 @@ def main() -> None:
     parser.add_argument("--min-sure-images", type=int, default=10)
     parser.add_argument("--max-wrong-no-people", type=float, default=0.15)
     parser.add_argument(
-        "--ruled-out", type=float, default=0.05, help="a subject below this probability is ruled out"
+        "--ruled-out",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.02, 0.05],
+        help="thresholds a subject may be ruled out below; each gets the highest at which it qualifies",
     )
     parser.add_argument("--subject-min-captions", type=int, default=3)
     parser.add_argument("--subject-min-photos", type=int, default=20)
@@ -188,7 +193,7 @@ def main() -> None:
         if passes(result):
             best = settings
     guarded, before = best, run(best)["captions"]
-    subjects = ruled_out_subjects(
+    limits = ruled_out_limits(
         Guide(captioner.concepts, guarded, probe.tokenizer),  # "nothing sure" by the chosen naming
         train_probs,
         [r.captions for r in train_records],
@@ -197,13 +202,14 @@ def main() -> None:
         min_captions=args.subject_min_captions,
         max_miss=args.subject_max_miss,
     )
-    rows.append({"setting": f"ruled-out subjects below {args.ruled_out}", "subjects": list(subjects)})
+    rows.append({"setting": f"ruled-out subjects, below one of {args.ruled_out}", "subjects": limits})
     for threshold in sorted(FALLBACK_GRID, reverse=True):  # strict to loose, as for naming
         settings = dataclasses.replace(
             guarded,
             fallback_threshold=threshold,
-            ruled_out_threshold=args.ruled_out,
-            ruled_out_subjects=subjects,
+            ruled_out_threshold=max(args.ruled_out),
+            ruled_out_subjects=tuple(limits),
+            ruled_out_thresholds=limits,
         )
         result = run(settings)
         rewritten = sum(result["captions"][k] != before[k] for k in before)

@@ -176,6 +176,28 @@ def test_a_subject_the_head_rules_out_gives_way_to_its_best_guess(guide):
     assert guide.rewrite_word(plan, "A group of birds are standing in the water.") is None
 
 
+def test_each_ruled_out_subject_has_its_own_threshold(guide):
+    """`ruled_out_thresholds`: birds at 0.03 are ruled out below their own 0.05, a car at 0.03 is not
+    below its 0.02; a subject without an entry takes `ruled_out_threshold`."""
+    settings = dataclasses.replace(
+        guide.settings,
+        fallback_threshold=0.15,
+        ruled_out_threshold=0.01,
+        ruled_out_subjects=("bird", "car", "boat"),
+        ruled_out_thresholds={"bird": 0.05, "car": 0.02},
+    )
+    fallback = Guide(TABLE, settings, guide.tokenizer)
+    goldfinch, sports_car, canoe = (TABLE.wnids.index(w) for w in ("n01531178", "n04285008", "n02951358"))
+    row = torch.zeros(1, 1000)
+    for index, value in ((TABLE.wnids.index("n03773504"), 0.18), (goldfinch, 0.03), (sports_car, 0.03)):
+        row[0, index] = value
+    row[0, canoe] = 0.005
+    [plan] = fallback.plans(row)
+    assert fallback.rewrite_word(plan, "A group of birds are standing in the water.") == "missile"
+    assert fallback.rewrite_word(plan, "A red car is sitting on a table.") is None  # 0.03 >= 0.02
+    assert fallback.rewrite_word(plan, "A boat is sitting on a table.") == "missile"  # 0.005 < 0.01
+
+
 CLOCK = TABLE.wnids.index("n02708093")  # analog clock
 
 

@@ -12,6 +12,7 @@ from imcap.guidance_fit import (
     no_people_threshold,
     people_classes,
     people_evident_classes,
+    ruled_out_limits,
     ruled_out_subjects,
     shows_people,
     subject_followers,
@@ -224,6 +225,19 @@ def test_ruled_out_subjects_are_the_names_the_head_rarely_misses_where_captions_
     assert ruled_out_subjects(guide, probs, captions, 0.01, min_photos=5) == ()
     assert ruled_out_subjects(guide, probs, captions, 0.01, min_photos=4, min_captions=4) == ()
     assert ruled_out_subjects(guide, probs, captions, 0.5, min_photos=4) == ()  # 0.3 < 0.5: all missed
+
+
+def test_each_subject_gets_the_highest_threshold_at_which_it_qualifies(guide):
+    goldfinch, sorrel = (guide.table.wnids.index(w) for w in ("n01531178", "n02389026"))
+    birds = ["A bird on a branch."] * 3 + ["A small animal.", "Something yellow."]
+    horses = ["A horse jumps a fence."] * 4 + ["A rider."]
+    probs = torch.zeros(8, 1000)
+    probs[:4, goldfinch] = 0.03  # under 0.05 on every bird photo, with nothing sure
+    probs[4:, sorrel] = 0.3
+    captions = [birds] * 4 + [horses] * 4
+    limits = ruled_out_limits(guide, probs, captions, [0.05, 0.01, 0.02], min_photos=4)
+    assert limits == {"bird": 0.02, "horse": 0.05}  # the fence: never seen, always missed
+    assert ruled_out_limits(guide, probs, captions, [0.5], min_photos=4) == {}
 
 
 def test_a_ruled_out_subject_counts_as_missed_only_where_the_rule_would_fire(guide):

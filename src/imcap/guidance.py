@@ -97,7 +97,11 @@ class Guide:
         self._people_evident_classes = _class_mask(table, settings.people_evident_classes, "people_evident")
         self._inert, self._acting_names = self._inert_words(table, settings)
         self._living_verbs = frozenset(settings.living_verbs)
-        self._ruled_out_subjects = frozenset(settings.ruled_out_subjects)
+        # the subjects a low probability rules out, each with the probability below which it is
+        self._ruled_out_below = {
+            name: settings.ruled_out_thresholds.get(name, settings.ruled_out_threshold)
+            for name in settings.ruled_out_subjects
+        }
         # tokens that would glue onto a forced word (" zebra" -> " zebrack"): the search keeps them off it
         self.word_continuations = word_continuations(tokenizer)
         # after a forced subject (placement "start"), also every token that is no subject follower
@@ -248,8 +252,8 @@ class Guide:
 
     def _instead_of_ruled_out(self, plan: Plan, caption: str) -> str | None:
         """The most probable table word (`unsaid_words` passed over), when it reaches `fallback_threshold`
-        and the caption's subject says only `ruled_out_subjects`, whose table words are all below
-        `ruled_out_threshold` (and no people)."""
+        and the caption's subject says only `ruled_out_subjects`, each with its table words all below its
+        threshold (`ruled_out_thresholds`, else `ruled_out_threshold`; and no people)."""
         threshold = self.settings.fallback_threshold
         if not threshold:
             return None
@@ -257,11 +261,11 @@ class Guide:
         if mentions(subject, self.settings.people_words):  # the head cannot rule people out
             return None
         names = self.names_in(subject)
-        if not names or not names <= self._ruled_out_subjects:  # a name it may miss stays
+        if not names or not names <= self._ruled_out_below.keys():  # a name it may miss stays
             return None
-        named = {word for name in names for word in self.words_named(name)}
-        if max(plan.word_probs[w] for w in named) >= self.settings.ruled_out_threshold:
-            return None
+        for name in names:
+            if max(plan.word_probs[w] for w in self.words_named(name)) >= self._ruled_out_below[name]:
+                return None
         said = {w: p for w, p in plan.word_probs.items() if w not in self.settings.unsaid_words}
         guess, prob = max(said.items(), key=lambda item: item[1])
         return guess if prob >= threshold else None

@@ -7,7 +7,7 @@ reads them without building a guide.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 GUIDANCE_FILE = "guidance.json"
@@ -70,6 +70,9 @@ class GuidanceSettings:
     # "bird"; not "horse", which ImageNet knows only as a sorrel, so show jumpers got 0.001 and became "a
     # dog"). Empty: none
     ruled_out_subjects: tuple[str, ...] = ()
+    # each subject's own threshold where it has one (the highest at which it qualifies: "car" 0.02,
+    # "bird" 0.05); the others take `ruled_out_threshold`
+    ruled_out_thresholds: dict[str, float] = field(default_factory=dict)
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
     def __post_init__(self):
