@@ -31,6 +31,18 @@ def test_floats_are_averaged_and_counters_kept():
     assert averaged["half"].item() == 1.5
 
 
+def test_weights_interpolate_and_extrapolate():
+    start, tuned = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 2.0])}
+    between = average_state_dicts([tuned, start], weights=[0.75, 0.25])
+    torch.testing.assert_close(between["w"], torch.tensor([2.5, 2.0]))
+    further = average_state_dicts([tuned, start], weights=[1.5, -0.5])  # half again along start -> tuned
+    torch.testing.assert_close(further["w"], torch.tensor([4.0, 2.0]))
+    with pytest.raises(ValueError, match="sum to 1.2, not 1"):
+        average_state_dicts([tuned, start], weights=[1.0, 0.2])
+    with pytest.raises(ValueError, match="one weight per checkpoint"):
+        average_state_dicts([tuned, start], weights=[1.0])
+
+
 @pytest.mark.parametrize(
     "second, message",
     [
