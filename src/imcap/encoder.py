@@ -270,17 +270,24 @@ class EfficientNetLiteEncoder(LiteCNN, PreTrainedModel):
         return self.encode_map(feature_map, concept_map)
 
     def encode_map(
-        self, feature_map: torch.Tensor, concept_map: torch.Tensor | None = None
+        self,
+        feature_map: torch.Tensor,
+        concept_map: torch.Tensor | None = None,
+        concept_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tokens, and the ImageNet logits (B, 1000) when the model has a concept head (else None).
-        The head reads `concept_map` when given (a `concept_tail` model's frozen tail), else `feature_map`."""
+        The head reads `concept_map` when given (a `concept_tail` model's frozen tail), else `feature_map`;
+        `concept_logits`, when given, are the head's output already (training keeps them while the tail
+        is frozen)."""
         batch, _, rows, cols = feature_map.shape
         patches = self.proj(feature_map.flatten(2).transpose(1, 2).to(self.proj[0].weight.dtype))
         position = (self.row_embed[:rows, None, :] + self.col_embed[None, :cols, :]).reshape(rows * cols, -1)
         patches = patches + position
         global_token = patches.mean(dim=1, keepdim=True) + self.global_embed
         parts = [global_token, patches]
-        if self.config.concept_head:
+        if concept_logits is not None:
+            logits = concept_logits
+        elif self.config.concept_head:
             logits = self.concept_logits(feature_map if concept_map is None else concept_map)
         else:
             logits = None

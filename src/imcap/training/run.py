@@ -15,7 +15,7 @@ from imcap.training import distributed
 from imcap.training.batches import CaptionTable
 from imcap.training.config import TrainConfig
 from imcap.training.distributed import Process
-from imcap.training.fronts import FrozenFront, LiteFront
+from imcap.training.fronts import FrozenFront, LiteFront, TailOutput
 
 
 class Clock:
@@ -71,7 +71,7 @@ class Run:
     train_refs: dict[str, list[str]]
     process: Process
     clock: Clock
-    train_maps: torch.Tensor | None = None  # front.precompute(train_features) while the tail is frozen
+    train_maps: TailOutput | torch.Tensor | None = None  # front.precompute(train_features): tail frozen
     cider: object | None = None  # the SCST reward (imcap.metrics.CiderD), built on first use
     bleu: object | None = None  # its BLEU-4 term when scst.bleu4_weight > 0 (imcap.metrics.SentenceBleu4)
 
