@@ -242,3 +242,34 @@ def test_export_carries_the_no_repeat_decoding_default(seeing_model_dir, tmp_pat
     exported_size = exported.model.generation_config.no_repeat_ngram_size
     assert exported_size == checkpoints.EXPORT_NO_REPEAT_NGRAM_SIZE == 3
     assert not load_model(seeing_model_dir).model.generation_config.no_repeat_ngram_size
+
+
+@pytest.mark.parametrize("concept_tail", [False, True], ids=["plain", "concept_tail"])
+def test_the_frozen_tails_output_kept_gives_the_tokens_of_running_the_tails(data, tmp_path, concept_tail):
+    """front.precompute keeps the tail's maps (and a concept_tail head's logits) so that SCST steps run no
+    tail: the tokens equal those made from the trunk features in the step, but for fp16 maps."""
+    config = tiny_config(data, tmp_path / "run", tmp_path / "cache")
+    config.model.concept_head, config.model.concept_tokens, config.model.concept_tail = True, 3, concept_tail
+    built = loop.build(config.validate(), TINY_CAPTIONS, None)
+    built.model.eval()
+    encoder = built.front.encoder
+    torch.manual_seed(0)
+    with torch.no_grad():  # an untrained tail's output all but vanishes: random weights, unit inputs
+        shape = encoder.trunk(torch.randn(1, 3, 64, 64)).shape[1:]
+        trunk = torch.randn(5, *shape).half()
+        for weight in (encoder.cnn._conv_head.weight, encoder.cnn._bn1.weight, encoder.cnn._bn1.bias):
+            weight.normal_()  # "fine-tuned": the head's own copy of the tail now differs
+    kept = built.front.precompute(trunk, torch.device("cpu"), batch=2)
+    assert len(kept) == 5 and (kept.concept_logits is not None) == concept_tail
+    with torch.no_grad():
+        from_trunk = built.front.tokens(trunk[1:4], from_trunk=True)
+        from_kept = built.front.tokens(kept[1:4].to("cpu"), from_trunk=False)
+    torch.testing.assert_close(from_kept, from_trunk, rtol=2e-2, atol=2e-2)
+    if concept_tail:  # the head's logits, from its own tail, not the fine-tuned one
+        with torch.no_grad():
+            _, logits = encoder.encode_trunk(trunk.float())
+            fine_tuned = encoder.concept_logits(encoder.tail(trunk.float()))
+        torch.testing.assert_close(kept.concept_logits, logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(kept.concept_logits, fine_tuned, atol=1e-2)
+    with pytest.raises(ValueError, match="trunk features or the TailOutput"):
+        built.front.tokens(trunk, from_trunk=False)
