@@ -12,12 +12,15 @@ from imcap import search
 from imcap.beam_attention import (
     NAME,
     beam_sdpa,
+    read_once,
     shares_cross_attention,
     with_shared_cross_attention,
 )
 from imcap.engine import Engine, EngineOptions
 from imcap.generation import CaptionOptions, generation_config
 from imcap.modeling import load_model
+from imcap.training import steps as training_steps
+from imcap.training.steps import caption_logits, generate_from_tokens, sample_captions
 
 from .test_engine import noise_pictures
 
@@ -93,3 +96,58 @@ def test_shared_and_per_beam_caches_give_the_same_captions(seeing_model_dir, mon
             for x, y in zip(a, b, strict=True):
                 assert [d.score for d in x] == pytest.approx([d.score for d in y], abs=1e-4)
     assert drops  # done images did leave the batch
+
+
+def test_training_reads_each_image_once_with_the_same_logits_and_gradients(seeing_model_dir):
+    model = load_model(seeing_model_dir).model.float().train()
+    torch.manual_seed(0)
+    images, per_image, length = 3, 4, 6
+    tokens = torch.randn(images, 10, model.decoder.config.hidden_size)
+    ids = torch.randint(3, model.decoder.config.vocab_size, (images * per_image, length))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # padded captions too
+    model.decoder.config.attn_pdrop = model.decoder.config.resid_pdrop = 0.0
+    model.eval()  # no dropout: both ways must draw nothing at random
+
+    def logits_and_grads(read_once_allowed: bool):
+        model.zero_grad()
+        if read_once_allowed:
+            logits = caption_logits(model, tokens, ids, mask, per_image)
+        else:  # the old way: one copy of the image's tokens per caption
+            logits = caption_logits(model, tokens.repeat_interleave(per_image, dim=0), ids, mask, 1)
+        logits.logsumexp(-1)[mask == 1].sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    once, once_grads = logits_and_grads(True)
+    copied, copied_grads = logits_and_grads(False)
+    # positions after a caption's end are free to differ: no loss reads them
+    torch.testing.assert_close(once[mask == 1], copied[mask == 1], rtol=1e-4, atol=1e-5)
+    assert once_grads.keys() == copied_grads.keys() and once_grads
+    for name, grad in copied_grads.items():
+        torch.testing.assert_close(once_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert model.decoder.config._attn_implementation == "sdpa"  # the model's own setting is back
+    with read_once(model.decoder, per_image) as once_inside:
+        assert once_inside and shares_cross_attention(model.decoder)
+    with read_once(model.decoder, 1) as once_inside:  # one caption per image: nothing to share
+        assert not once_inside and not shares_cross_attention(model.decoder)
+
+
+@pytest.mark.parametrize("samples", [2, 3])
+def test_scst_sampling_reads_each_image_once_and_draws_what_generate_draws(
+    seeing_model_dir, samples, monkeypatch
+):
+    model = load_model(seeing_model_dir).model.float().eval()
+    torch.manual_seed(0)
+    tokens = torch.randn(8, 10, model.decoder.config.hidden_size)
+    torch.manual_seed(1)
+    with monkeypatch.context() as patched:  # its own loop, not generate
+        patched.setattr(training_steps, "generate_from_tokens", None)
+        drawn = sample_captions(model, tokens, samples, max_new_tokens=24)
+    torch.manual_seed(1)
+    expected = generate_from_tokens(
+        model, tokens, do_sample=True, top_k=0, num_beams=1, num_return_sequences=samples, max_new_tokens=24
+    )
+    assert torch.equal(drawn, expected)
+    pad = model.generation_config.pad_token_id
+    assert (drawn[:, -1] == pad).any()  # rows that ended early were padded, as generate pads them
+    assert model.decoder.config._attn_implementation == "sdpa"

@@ -11,11 +11,18 @@ alternations on 320 val photos).
 
 Only decoders whose cross-attention goes through transformers' attention interface with keys from an
 `EncoderDecoderCache` take it (GPT-2: our models, vit-gpt2); the others keep one copy per beam.
+
+Training reads it too (`read_once`): a step teacher-forces several captions per image (five in
+cross-entropy, eight samples in SCST), and copying the image's tokens to every caption made each caption
+project the image's 88 tokens to keys and values again, about a third of the decoder's forward and
+backward work in an SCST step.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -70,3 +77,20 @@ def with_shared_cross_attention(decoder: nn.Module) -> nn.Module:
 def shares_cross_attention(decoder: nn.Module) -> bool:
     """Whether `decoder` reads one cross-attention row per image (the engine then keeps its cache so)."""
     return getattr(decoder.config, "_attn_implementation", None) == NAME
+
+
+@contextmanager
+def read_once(decoder: nn.Module, rows_per_image: int) -> Iterator[bool]:
+    """Within the block, `decoder` (the model's own, so training updates it) cross-attends `rows_per_image`
+    query rows per image to one row of keys and values per image, if it can: yields whether it does, i.e.
+    whether the encoder states should be passed once per image rather than once per row."""
+    config = decoder.config
+    able = config.model_type in _SUPPORTED and config._attn_implementation == "sdpa"
+    if rows_per_image == 1 or not able:
+        yield False
+        return
+    decoder.set_attn_implementation(NAME)
+    try:
+        yield True
+    finally:
+        decoder.set_attn_implementation("sdpa")

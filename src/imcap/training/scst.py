@@ -13,7 +13,7 @@ from imcap.tokenizer import format_caption
 from imcap.training import distributed
 from imcap.training.optim import step as optimizer_step
 from imcap.training.run import Run, step_row
-from imcap.training.steps import caption_mask, generate_from_tokens, sample_mask_after_eos, scst_loss
+from imcap.training.steps import caption_mask, sample_captions, sample_mask_after_eos, scst_loss
 
 
 def scst_epoch(run: Run, step_module, optimizer, generator, tail_trains: bool, epoch: int, step: int):
@@ -33,15 +33,7 @@ def scst_epoch(run: Run, step_module, optimizer, generator, tail_trains: bool, e
         features = (run.train_features if tail_trains else run.train_maps)[index].to(process.device)
         with torch.no_grad():
             tokens = run.front.tokens(features, from_trunk=tail_trains)
-        samples = generate_from_tokens(
-            model,
-            tokens,
-            do_sample=True,
-            top_k=0,
-            num_beams=1,
-            num_return_sequences=config.samples,
-            max_new_tokens=config.max_new_tokens,
-        )
+        samples = sample_captions(model, tokens, config.samples, config.max_new_tokens)
         samples = sample_mask_after_eos(samples, tok.eos_token_id, tok.pad_token_id)
         texts = [format_caption(t) for t in tok.batch_decode(samples, skip_special_tokens=True)]
         ids = [names[i] for i in index.tolist() for _ in range(config.samples)]
