@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from imcap.modeling import load_model
+from imcap.modeling import load_model, save_model
 from imcap.training import checkpoints, loop, scst
 from imcap.training.batches import CaptionTable, mirror_caption
 from imcap.training.config import TrainConfig
@@ -232,6 +232,39 @@ def test_scst_reward_adds_the_weighted_sentence_bleu4():
 def test_scst_bleu4_weight_must_not_be_negative():
     with pytest.raises(ValueError, match="bleu4_weight"):
         TrainConfig.from_dict({"scst": {"bleu4_weight": -1.0}})
+
+
+def test_scst_wise_weight_must_be_a_share():
+    with pytest.raises(ValueError, match="wise_weight must be in"):
+        TrainConfig.from_dict({"scst": {"wise_weight": 1.5}})
+
+
+def test_wise_ft_mixes_the_best_epoch_with_the_cross_entropy_stages_last(data, tmp_path):  # noqa: F811
+    """scst.wise_weight: the run keeps its model at the end of cross-entropy (xe/) and returns wise/, that
+    model moved wise_weight of the way to best/, with its greedy val scores beside it."""
+    config = tiny_config(data, tmp_path / "run", tmp_path / "cache", xe_epochs=1, scst_epochs=1)
+    config.scst.wise_weight = 0.25
+    run = tmp_path / "run"
+    assert train(config.validate()) == run / "wise"
+    scores = json.loads((run / "wise.json").read_text())
+    assert scores["wise_weight"] == 0.25 and scores["CIDEr"] >= 0
+    # a best/ far from xe/ (a tiny run's SCST epoch may not beat cross-entropy), mixed again on resume
+    best = load_model(run / "best")
+    with torch.no_grad():
+        for value in {
+            v.data_ptr(): v for v in best.model.state_dict().values() if v.is_floating_point()
+        }.values():
+            value += 1
+    save_model(best.model, best.tokenizer, best.image_processor, run / "best")
+    assert train(config.validate(), resume=True) == run / "wise"
+    start, moved = load_model(run / "xe").model.state_dict(), load_model(run / "best").model.state_dict()
+    got = load_model(run / "wise").model.state_dict()
+    for key, value in start.items():
+        expected = 0.75 * value + 0.25 * moved[key] if value.is_floating_point() else value
+        torch.testing.assert_close(got[key], expected)
+    (run / "xe" / "config.json").unlink()  # a run from before xe/ was kept: one clear error
+    with pytest.raises(FileNotFoundError, match="no cross-entropy model to mix with"):
+        train(config.validate(), resume=True)
 
 
 def test_export_carries_the_no_repeat_decoding_default(seeing_model_dir, tmp_path):

@@ -46,7 +46,11 @@ def train(
         fail(str(error))
     if int(os.environ.get("RANK", "0")) != 0:
         return  # data-parallel (torchrun): rank 0 reports and exports
-    typer.echo(f"best model (on val CIDEr): {best}")
+    typer.echo(
+        f"model: {best} (best on val CIDEr; mixed with the cross-entropy stage by scst.wise_weight)"
+        if best.name == "wise"
+        else f"best model (on val CIDEr): {best}"
+    )
     if export:
         export_fp16(best, export)
         typer.echo(f"exported fp16 model: {export}")

@@ -114,6 +114,9 @@ class ScstConfig:
     finetune_tail: bool = False
     # reward = CIDEr-D + bleu4_weight x the sample's sentence BLEU-4 (imcap.metrics.SentenceBleu4); 0: CIDEr-D
     bleu4_weight: float = 0.0
+    # WiSE-FT (Wortsman et al. 2022): the run's model is the cross-entropy stage's last weights moved this
+    # far toward the best SCST epoch's (1.0: the SCST weights as they are; the mix is written to `wise/`)
+    wise_weight: float = 1.0
 
 
 @dataclass
@@ -150,6 +153,8 @@ class TrainConfig:
             raise ValueError(f"{where}: model.concept_tail needs model.concept_head")
         if self.model.concept_tokens < 0 or not 0 <= self.model.concept_dropout < 1:
             raise ValueError(f"{where}: model.concept_tokens must be >= 0 and concept_dropout in [0, 1)")
+        if not 0.0 <= self.scst.wise_weight <= 1.0:
+            raise ValueError(f"{where}: scst.wise_weight must be in [0, 1], got {self.scst.wise_weight}")
         if self.scst.bleu4_weight < 0:
             raise ValueError(f"{where}: scst.bleu4_weight must be >= 0, got {self.scst.bleu4_weight}")
         if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:

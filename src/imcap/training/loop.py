@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from imcap.data import load_records
-from imcap.modeling import save_model
+from imcap.modeling import load_model, save_model
 from imcap.tokenizer import format_caption
 from imcap.training import distributed
 from imcap.training.batches import CaptionTable
@@ -40,9 +40,13 @@ from imcap.training.run import Clock, Run, mean_loss, step_row
 from imcap.training.scst import scst_epoch
 from imcap.training.steps import TeacherForcing, generate_from_tokens, token_cross_entropy
 
+CROSS_ENTROPY_DIR = "xe"  # the model at the end of the cross-entropy stage
+WISE_DIR = "wise"  # its mix with best/ (scst.wise_weight)
+
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
-    """Train as the config says; returns the folder of the best model (on val CIDEr)."""
+    """Train as the config says; returns the folder of the best model (on val CIDEr), or of its mix with
+    the cross-entropy stage's last weights (`scst.wise_weight`)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     process = distributed.start()
@@ -54,12 +58,40 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         while state["stage"] == "xe" and state["epoch"] < total_xe and not run.clock.used_up:
             state = _train_epoch(run, state, xe=True)
         if state["stage"] == "xe":
+            if total_scst and process.main:  # where SCST starts from: WiSE-FT mixes it back in
+                save_model(run.model, run.tokenizer, run.image_processor, run.out / CROSS_ENTROPY_DIR)
             state = {**state, "stage": "scst", "epoch": 0, "optimizer": None, "scheduler": None}
         while state["stage"] == "scst" and state["epoch"] < total_scst and not run.clock.used_up:
             state = _train_epoch(run, state, xe=False)
+        finished = state["stage"] == "scst" and state["epoch"] == total_scst and total_scst > 0
+        if finished and config.scst.wise_weight != 1.0 and process.main:
+            return _mix_with_cross_entropy(run)
     finally:
         distributed.stop(process)
     return run.out / "best"
+
+
+def _mix_with_cross_entropy(run: Run) -> Path:
+    """WiSE-FT: the cross-entropy stage's last weights moved `scst.wise_weight` of the way to the best
+    epoch's (`best/`, an SCST epoch once SCST beats cross-entropy on val), saved to `wise/` with its greedy
+    val scores in `wise.json`. On Flickr8k val it kept CIDEr-D and raised BLEU-4 (docs/ablations.md)."""
+    from imcap.training.averaging import average_checkpoints
+
+    weight, start = run.config.scst.wise_weight, run.out / CROSS_ENTROPY_DIR
+    if not (start / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{start}: no cross-entropy model to mix with (kept since scst.wise_weight exists); "
+            "set scst.wise_weight: 1.0 for runs from before"
+        )
+    best = run.out / "best"
+    mixed = average_checkpoints(
+        best, [best, start], run.out / WISE_DIR, fp16=False, weights=[weight, 1 - weight]
+    )
+    run.model.load_state_dict(load_model(mixed).model.state_dict())
+    scores = {"wise_weight": weight, **validate(run)}
+    (run.out / "wise.json").write_text(json.dumps(scores, indent=2) + "\n")
+    tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}))
+    return mixed
 
 
 def prepare(config: TrainConfig, resume: bool, process: Process | None = None) -> Run:
