@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-import transformers
+from bench_caption import machine  # the script beside this one: the same machine record
 
 from imcap.data import load_records
 from imcap.modeling import load_model
@@ -129,14 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "now_s_per_step": round(now, 3),
         "speedup": round(before / now, 2),
         "times": {k: [round(t, 3) for t in v] for k, v in times.items()},
-        "machine": {
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "load_average_1m": os.getloadavg()[0],
-        },
+        "machine": machine(),
     }
     print(
         f"SCST step, {args.images} images x {args.samples} samples: before {before:.2f} s, now {now:.2f} s "

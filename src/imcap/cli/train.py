@@ -37,6 +37,7 @@ def train(
     from imcap.data import DataError
     from imcap.training.checkpoints import export_fp16
     from imcap.training.config import TrainConfig
+    from imcap.training.loop import WISE_DIR
     from imcap.training.loop import train as run_training
 
     try:
@@ -48,7 +49,7 @@ def train(
         return  # data-parallel (torchrun): rank 0 reports and exports
     typer.echo(
         f"model: {best} (best on val CIDEr; mixed with the cross-entropy stage by scst.wise_weight)"
-        if best.name == "wise"
+        if best.name == WISE_DIR
         else f"best model (on val CIDEr): {best}"
     )
     if export:

@@ -68,10 +68,10 @@ class LiteFront:
 
     def tokens(self, features: torch.Tensor | TailOutput, from_trunk: bool) -> torch.Tensor:
         """Trunk features (`from_trunk`: the tail runs too) or a `TailOutput` -> the encoder's tokens."""
-        if isinstance(features, TailOutput) and features.concept_logits is not None:
-            return self.encoder.encode_map(features.maps.float(), concept_logits=features.concept_logits)[0]
         if isinstance(features, TailOutput):
-            return self.encoder.tokens(features.maps.float())
+            if features.concept_logits is None:
+                return self.encoder.tokens(features.maps.float())
+            return self.encoder.encode_map(features.maps.float(), concept_logits=features.concept_logits)[0]
         if not from_trunk:
             raise ValueError("a LiteFront reads trunk features or the TailOutput that precompute made")
         if self.own_concept_tail:
