@@ -15,6 +15,7 @@ from imcap.engine import Decoded
 from imcap.generation import CaptionOptions
 from imcap.guidance import GuidanceSettings, Guide, Plan, caption_subject
 from imcap.modeling import load_model
+from imcap.rewrites import GuidedDecoder
 
 TABLE = load_concept_table()
 HUSKY, MALAMUTE, TABBY, ZEBRA = (
@@ -308,12 +309,12 @@ def test_a_rewrite_that_does_not_name_the_word_keeps_the_first_caption(cat_model
 
     def rewrite_to(text):
         tokens = captioner.loaded.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
-        return lambda hidden, config, plans, seeds=None: [[Decoded(tokens, -1.0)] for _ in plans]
+        return lambda self, hidden, config, plans, seeds=None: [[Decoded(tokens, -1.0)] for _ in plans]
 
     # constrained beam search ran out of length without the word (it rambles then): nothing changes
-    monkeypatch.setattr(captioner, "_rewrite", rewrite_to("a man is sitting on a bench in a park"))
+    monkeypatch.setattr(GuidedDecoder, "_rewrite", rewrite_to("a man is sitting on a bench in a park"))
     assert [r.caption for r in captioner(pictures, options)] == first
-    monkeypatch.setattr(captioner, "_rewrite", rewrite_to("a cat is sitting on a bench"))
+    monkeypatch.setattr(GuidedDecoder, "_rewrite", rewrite_to("a cat is sitting on a bench"))
     assert all(r.caption.startswith("A cat is sitting on a bench") for r in captioner(pictures, options))
 
 

@@ -22,11 +22,17 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from imcap.captioner import Captioner, CaptionResult
+from imcap.captioner import Captioner, CaptionResult, Drafted
 from imcap.engine import Encoded
 from imcap.generation import CaptionOptions
 from imcap.images import IMAGE_SUFFIXES, ImageLoadError, load_image
 from imcap.writers import Writer, styled
+
+# caption_batches pools guidance rewrites (imcap.rewrites) until this many images wait to be rewritten, or
+# MAX_HELD_BATCHES batches wait for them
+REWRITE_POOL = 16
+MAX_HELD_BATCHES = 8
+_Held = tuple[list, "Drafted | None", list]  # a batch's items, first pass (None: no image read), failures
 
 
 def find_images(items: Sequence[str | Path], recursive: bool = False) -> list[Path]:
@@ -191,10 +197,28 @@ def caption_batches(
     slices = [part for parts in sliced for part in parts]
     # two batches in flight, as when each worker took a whole batch
     with _torch_threads(1), closing(_prefetched(prepare, slices, cores, 1, ahead=2 * cores)) as prepared:
+        held: list[_Held] = []  # drafted, waiting for pooled rewrites
         for parts in sliced:
             paths, encoded, failed = _joined_slices([next(prepared) for _ in parts])
-            results = captioner.caption_encoded(encoded, options) if encoded is not None else []
-            yield CaptionedBatch(paths, results, failed)
+            held.append((paths, captioner.draft(encoded, options) if encoded is not None else None, failed))
+            if _rewrites_due(held):
+                yield from _finished(captioner, held)
+                held = []
+        yield from _finished(captioner, held)
+
+
+def _rewrites_due(held: list[_Held]) -> bool:
+    """Whether to run the held batches' guidance rewrites now: when there are none (nothing to wait for),
+    when REWRITE_POOL images wait, or when MAX_HELD_BATCHES batches do (so that results keep coming)."""
+    pending = sum(len(d.draft.rewrite_rows) for _, d, _ in held if d is not None)
+    return pending == 0 or pending >= REWRITE_POOL or len(held) >= MAX_HELD_BATCHES
+
+
+def _finished(captioner: Captioner, held: list[_Held]) -> Iterator[CaptionedBatch]:
+    drafted = [d for _, d, _ in held if d is not None]
+    results = iter(captioner.finish(drafted))
+    for paths, d, failed in held:
+        yield CaptionedBatch(paths, next(results) if d is not None else [], failed)
 
 
 def slices_of(items: Sequence, count: int) -> list[Sequence]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +18,28 @@ from PIL import Image
 from transformers import VisionEncoderDecoderModel
 from transformers.modeling_outputs import BaseModelOutput
 
-from imcap.concepts import ConceptTable, load_concept_table, mentions
-from imcap.engine import Decoded, Encoded, Engine, EngineOptions
+from imcap.concepts import ConceptTable, load_concept_table
+from imcap.engine import Encoded, Engine, EngineOptions
 from imcap.families import ProcessorInputs, caption_text, check_prompt, one_by_one, prepare
 from imcap.generation import CaptionOptions, check_fits, generation_config
-from imcap.guidance import Guide, Plan
+from imcap.guidance import Guide
 from imcap.images import DEFAULT_MAX_PIXELS, ImageInput, as_image
 from imcap.modeling import LoadedModel, load_model, max_caption_tokens
 from imcap.results import MAX_TAGS, Candidate, CaptionResult, Tag
+from imcap.rewrites import Draft, GuidedDecoder
 from imcap.stepwise import sample_seeds
 from imcap.tokenizer import format_caption
 
 _SINGLE = (str, Path, Image.Image, bytes, bytearray, np.ndarray)
+
+
+@dataclass
+class Drafted:
+    """A batch through the first pass (`Captioner.draft`); `Captioner.finish` makes its results."""
+
+    draft: Draft  # its rows (with plain sampling, an image's samples are rows of their own)
+    options: CaptionOptions
+    concept_probs: torch.Tensor | None  # per image, for tags
 
 
 class Captioner:
@@ -172,110 +183,64 @@ class Captioner:
     ) -> list[CaptionResult]:
         """The engine's second half: decode captions for what `encode` made (the two can run in
         different threads, as `imcap.batch.caption_batches` does)."""
+        return self.finish([self.draft(encoded, options)])[0]
+
+    @torch.inference_mode()
+    def draft(self, encoded: Encoded | torch.Tensor, options: CaptionOptions | None = None) -> Drafted:
+        """`caption_encoded` up to guidance's second pass: `finish` makes the captions final, for several
+        drafted batches at once (their rewrites then share one search: imcap.rewrites)."""
         options = self.checked(options)
         encoded = encoded if isinstance(encoded, Encoded) else Encoded(encoded)
         config = generation_config(options, self.model.generation_config)
         guided = options.guide and self.guide is not None and encoded.concept_probs is not None
         if options.do_sample:
-            per_image = self._sampled_decode(encoded, config, options.seed, guided)
-        elif guided:
-            per_image = self._guided_decode(encoded, config)
-        else:
-            per_image = self.engine.decode(encoded.hidden, config)
-        flat: list[Decoded] = [decoded for candidates in per_image for decoded in candidates]
-        scores = torch.tensor([d.score for d in flat])
-        lengths = torch.tensor([max(len(d.tokens), 1) for d in flat])
-        results = self._results([d.tokens for d in flat], scores, lengths, options)
-        return self._tagged(results, encoded.concept_probs)
+            return self._sampled_draft(encoded, config, options, guided)
+        return Drafted(self._first_pass(encoded, config, guided), options, encoded.concept_probs)
 
-    def _sampled_decode(
-        self, encoded: Encoded, config, seed: int | None, guided: bool
-    ) -> list[list[Decoded]]:
+    @torch.inference_mode()
+    def finish(self, drafted: Sequence[Drafted]) -> list[list[CaptionResult]]:
+        """Each drafted batch's results: the images guidance rewrites, of every batch, decoded again
+        together (one search per setting and placement), then the candidates ranked and tagged."""
+        drafts = [d.draft for d in drafted if d.draft.plans]
+        if drafts:
+            self._guided_decoder().rewrite(drafts)
+        return [self._finished(d) for d in drafted]
+
+    def _first_pass(self, encoded: Encoded, config, guided: bool, seeds: list[int] | None = None) -> Draft:
+        if guided:
+            return self._guided_decoder().draft(encoded, config, seeds)
+        return Draft(encoded, config, self.engine.decode(encoded.hidden, config, seeds=seeds))
+
+    def _guided_decoder(self) -> GuidedDecoder:
+        # built per call: callers may swap `guide` (scripts/choose_guidance.py tries several)
+        return GuidedDecoder(self.engine, self.guide, self.loaded.tokenizer)
+
+    def _sampled_draft(self, encoded: Encoded, config, options: CaptionOptions, guided: bool) -> Drafted:
         """Plain sampling: each of an image's `num_return_sequences` samples is a row of its own, drawn
         once (with a seed, sample j from its own seed, `sample_seeds`), and guided as a searched caption
-        is (`_guided_decode`: a sample that misses the sure word is drawn again with it as subject).
+        is (imcap.rewrites: a sample that misses the sure word is drawn again with it as subject).
         Beam-search sampling: one search per image gives its captions (seeded from `sample_seeds`' first
         seed, as one sample would be)."""
-        images, count = encoded.hidden.shape[0], config.num_return_sequences
+        images, count, seed = encoded.hidden.shape[0], config.num_return_sequences, options.seed
         if config.num_beams > 1:
             image_seeds = None if seed is None else sample_seeds(seed, 1) * images
-            if guided:
-                return self._guided_decode(encoded, config, image_seeds)
-            return self.engine.decode(encoded.hidden, config, seeds=image_seeds)
+            draft = self._first_pass(encoded, config, guided, image_seeds)
+            return Drafted(draft, options, encoded.concept_probs)
         rows = torch.arange(images, device=encoded.hidden.device).repeat_interleave(count)
         probs = encoded.concept_probs
         rows_encoded = Encoded(encoded.hidden[rows], None if probs is None else probs[rows.to(probs.device)])
         one = copy.deepcopy(config)
         one.num_return_sequences = 1
         seeds = None if seed is None else sample_seeds(seed, count) * images
-        if guided:
-            per_row = self._guided_decode(rows_encoded, one, seeds)
-        else:
-            per_row = self.engine.decode(rows_encoded.hidden, one, seeds=seeds)
-        return [[d for row in per_row[i * count : (i + 1) * count] for d in row] for i in range(images)]
+        return Drafted(self._first_pass(rows_encoded, one, guided, seeds), options, probs)
 
-    def _guided_decode(self, encoded: Encoded, config, seeds: list[int] | None = None) -> list[list[Decoded]]:
-        """Decode with the words guidance rules out banned, then decode again, constrained, the images
-        whose caption misses a confident concept (imcap.guidance). Each image has its own banned words,
-        and each pass is one batched engine call all the same (imcap.engine.Bans). With sampling,
-        seeds[row] seeds that row's draws (`_sampled_decode`)."""
-        plans = self.guide.plans(encoded.concept_probs)
-        per_image = self.engine.decode(encoded.hidden, config, self._bans([p.banned for p in plans]), seeds)
-        for row, plan in enumerate(plans):
-            best = self.loaded.tokenizer.decode(per_image[row][0].tokens, skip_special_tokens=True)
-            missing = self.guide.rewrite_word(plan, best)
-            plan.required = (missing,) if missing else ()
-        rows = [i for i, plan in enumerate(plans) if plan.required]
-        if rows:
-            row_seeds = None if seeds is None else [seeds[r] for r in rows]
-            decoded = self._rewrite(encoded.hidden[rows], config, [plans[r] for r in rows], row_seeds)
-            for row, candidates in zip(rows, decoded, strict=True):
-                # constrained beam search may run out of length before the decoder will say the word
-                # (it then rambles to the limit): the first caption stays
-                text = self.loaded.tokenizer.decode(candidates[0].tokens, skip_special_tokens=True)
-                if mentions(text, self.guide.names(plans[row].required[0])):
-                    per_image[row] = candidates
-        return per_image
-
-    def _rewrite(
-        self, hidden: torch.Tensor, config, plans: list[Plan], seeds: list[int] | None = None
-    ) -> list[list[Decoded]]:
-        """Decode again so that each caption names its plan's required words, where the guide places them
-        (Guide.placement), with the guard's words ruled out. A sampled caption always gets the word as
-        subject: placing it anywhere is constrained beam search, which does not sample."""
-        results: list[list[Decoded]] = [[] for _ in plans]
-        where = ["start" if config.do_sample else self.guide.placement(plan) for plan in plans]
-        for placement, rows in _group_by(where, lambda placement: placement).items():
-            if placement == "start":
-                row_seeds = None if seeds is None else [seeds[r] for r in rows]
-                decoded = self._rewrite_subjects(hidden[rows], config, [plans[r] for r in rows], row_seeds)
-            else:
-                decoded = self._rewrite_anywhere(hidden[rows], config, [plans[r] for r in rows])
-            for row, candidates in zip(rows, decoded, strict=True):
-                results[row] = candidates
-        return results
-
-    def _rewrite_subjects(
-        self, hidden: torch.Tensor, config, plans: list[Plan], seeds: list[int] | None = None
-    ) -> list[list[Decoded]]:
-        """Each caption starts with its word ("a cat ..."): one prefixed beam search (or sampling), bans
-        per image."""
-        guarded = [self.guide.guarded(plan) for plan in plans]
-        prefixes = [self.guide.prefix(plan.required[0]) for plan in plans]
-        return self.engine.decode_prefixed(
-            hidden, config, prefixes, self.guide.after_subject, self._bans(guarded), seeds
-        )
-
-    def _rewrite_anywhere(self, hidden: torch.Tensor, config, plans: list[Plan]) -> list[list[Decoded]]:
-        """Constrained beam search places each word: one batched search, bans per image."""
-        guarded = [self.guide.guarded(plan) for plan in plans]
-        constraints = [[self.guide.constraint(word) for word in plan.required] for plan in plans]
-        return self.engine.decode_guided(
-            hidden, config, constraints, self.guide.word_continuations, self._bans(guarded)
-        )
-
-    def _bans(self, banned_words: Sequence[Sequence[str]]):
-        return self.engine.bans([self.guide.bad_words_ids(words) for words in banned_words])
+    def _finished(self, drafted: Drafted) -> list[CaptionResult]:
+        # rows in image order, each image's candidates together (its samples, with plain sampling)
+        flat = [decoded for row in drafted.draft.decoded for decoded in row]
+        scores = torch.tensor([d.score for d in flat])
+        lengths = torch.tensor([max(len(d.tokens), 1) for d in flat])
+        results = self._results([d.tokens for d in flat], scores, lengths, drafted.options)
+        return self._tagged(results, drafted.concept_probs)
 
     def _tagged(
         self, results: list[CaptionResult], concept_probs: torch.Tensor | None
@@ -335,14 +300,6 @@ def _concept_table(encoder_config) -> ConceptTable | None:
     if not getattr(encoder_config, "concept_head", False):
         return None
     return load_concept_table(encoder_config.concept_table)
-
-
-def _group_by(items: Sequence, key) -> dict:
-    """{key: [positions of the items with that key]}, in first-seen order."""
-    groups: dict = {}
-    for position, item in enumerate(items):
-        groups.setdefault(key(item), []).append(position)
-    return groups
 
 
 def _results(

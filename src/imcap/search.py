@@ -59,13 +59,18 @@ class Bans:
 
     def __init__(self, per_image: Sequence[Sequence[Sequence[int]]], vocab_size: int):
         self.single = torch.zeros(len(per_image), vocab_size, dtype=torch.bool)  # (B, V)
-        self.multi: list[list[tuple[int, ...]]] = [[] for _ in per_image]
+        # per image, the longer sequences as {tokens before the last: the last tokens they ban}, grouped
+        # by how many tokens come before: a row then looks up its own last tokens once per length
+        # instead of comparing them with every banned sequence (a rewrite bans hundreds of names)
+        self.multi: list[dict[int, dict[tuple[int, ...], list[int]]]] = [{} for _ in per_image]
         for image, sequences in enumerate(per_image):
             for sequence in sequences:
                 if len(sequence) == 1:
                     self.single[image, sequence[0]] = True
                 elif sequence:
-                    self.multi[image].append(tuple(sequence))
+                    *before, last = (int(t) for t in sequence)
+                    by_before = self.multi[image].setdefault(len(before), {})
+                    by_before.setdefault(tuple(before), []).append(last)
 
     @classmethod
     def build(cls, per_image: Sequence[Sequence[Sequence[int]]], vocab_size: int) -> Bans | None:
@@ -84,11 +89,11 @@ class Bans:
         rows = [(row, self.multi[image]) for row, image in enumerate(images.tolist()) if self.multi[image]]
         if rows:
             history = sequences.tolist()  # once: per-row tensor slicing costs more than the check
-            for row, banned_sequences in rows:
-                for banned in banned_sequences:
-                    before = list(banned[:-1])
-                    if history[row][-len(before) :] == before:
-                        scores[row, banned[-1]] = float("-inf")
+            for row, by_length in rows:
+                for length, by_before in by_length.items():
+                    banned = by_before.get(tuple(history[row][-length:]))
+                    if banned:
+                        scores[row, banned] = float("-inf")
         return scores
 
 

@@ -1,0 +1,101 @@
+"""imcap.rewrites and its use by imcap.batch: guidance's second pass, pooled over several batches."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imcap import batch
+from imcap.batch import caption_batches
+from imcap.captioner import Captioner
+from imcap.concepts import load_concept_table, mentions
+from imcap.generation import CaptionOptions
+from imcap.guidance import GuidanceSettings, Guide
+from imcap.rewrites import GuidedDecoder
+
+
+@pytest.fixture
+def captioner(cat_model_dir) -> Captioner:
+    """Sure of a tabby in every photo, which the tiny decoder never says: guidance rewrites them all."""
+    captioner = Captioner.from_pretrained(cat_model_dir)
+    captioner.guide = Guide(load_concept_table(), GuidanceSettings(0.5), captioner.loaded.tokenizer)
+    return captioner
+
+
+@pytest.fixture
+def rewrite_calls(monkeypatch) -> list[int]:
+    """The number of rows of each second-pass call."""
+    calls, rewrite = [], GuidedDecoder._rewrite
+
+    def counted(self, hidden, *args, **kwargs):
+        calls.append(hidden.shape[0])
+        return rewrite(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(GuidedDecoder, "_rewrite", counted)
+    return calls
+
+
+def photos(folder, count: int) -> list:
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+OPTIONS = CaptionOptions(max_new_tokens=8)
+
+
+def test_batches_rewrite_together_and_caption_each_image_as_alone(captioner, rewrite_calls, tmp_path):
+    paths = photos(tmp_path, 5)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    alone = [captioner(path, OPTIONS)[0].caption for path in paths]
+    assert all(mentions(caption, ("cat",)) for caption in alone)  # every one was rewritten
+    rewrite_calls.clear()
+    batches = list(caption_batches(captioner, [*paths[:3], broken, *paths[3:]], OPTIONS, batch_size=2))
+    assert rewrite_calls == [5]  # one second pass for the three batches' five images
+    assert [[p.name for p in b.paths] for b in batches] == [["0.png", "1.png"], ["2.png"], ["3.png", "4.png"]]
+    assert [[Path(e.path).name for e in b.failed] for b in batches] == [[], ["broken.jpg"], []]
+    assert [r.caption for b in batches for r in b.results] == alone
+
+
+def test_held_batches_are_rewritten_when_max_held_wait(captioner, rewrite_calls, tmp_path, monkeypatch):
+    monkeypatch.setattr(batch, "MAX_HELD_BATCHES", 2)
+    paths = photos(tmp_path, 5)
+    results = [r.caption for b in caption_batches(captioner, paths, OPTIONS, batch_size=1) for r in b.results]
+    assert rewrite_calls == [2, 2, 1]
+    assert results == [captioner(path, OPTIONS)[0].caption for path in paths]
+
+
+def test_unguided_batches_are_not_held(captioner, tmp_path):
+    """Nothing to rewrite: each batch comes out as soon as it is decoded (caption_files writes it)."""
+    paths = photos(tmp_path, 3)
+    drafted = []
+    finish = captioner.finish
+    captioner.finish = lambda batches: drafted.append(len(batches)) or finish(batches)
+    list(caption_batches(captioner, paths, CaptionOptions(guide=False, max_new_tokens=8), batch_size=1))
+    assert drafted == [1, 1, 1, 0]  # the last: nothing left held at the end
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        CaptionOptions(num_beams=2, max_new_tokens=8),
+        CaptionOptions(do_sample=True, seed=7, num_return_sequences=2, max_new_tokens=8),
+    ],
+)
+def test_drafts_of_other_settings_finish_as_each_alone(captioner, rewrite_calls, tmp_path, options):
+    paths = photos(tmp_path, 4)
+    pixels = captioner.pixel_values(paths[:2]), captioner.pixel_values(paths[2:])
+    first, second = (captioner.encode(p) for p in pixels)
+    expected = [captioner.caption_encoded(first, OPTIONS), captioner.caption_encoded(second, options)]
+    rewrite_calls.clear()
+    finished = captioner.finish([captioner.draft(first, OPTIONS), captioner.draft(second, options)])
+    assert len(rewrite_calls) == 2  # settings differ: a search each
+    for got, want in zip(finished, expected, strict=True):
+        assert [[c.text for c in r.candidates] for r in got] == [[c.text for c in r.candidates] for r in want]
+        assert [r.tags for r in got] == [r.tags for r in want]
