@@ -32,6 +32,9 @@ from imcap.writers import Writer, styled
 # MAX_HELD_BATCHES batches wait for them
 REWRITE_POOL = 16
 MAX_HELD_BATCHES = 8
+# batches the reading workers encode ahead of the decoder: four, so that they keep working while it runs a
+# pool's rewrites (with two, guided captioning of 400 val photos took 42.2 s against 38.4, unguided the same)
+READ_AHEAD_BATCHES = 4
 _Held = tuple[list, "Drafted | None", list]  # a batch's items, first pass (None: no image read), failures
 
 
@@ -171,6 +174,10 @@ def caption_batches(
     preprocessing. Each file is decoded on its own, so a bad one is only reported. `load` reads other
     kinds of items (imcap.sources: a shard's images as bytes) into pictures, raising ImageLoadError for
     a bad one; `paths` then holds those items.
+
+    Guided batches whose photos guidance decodes again wait until REWRITE_POOL such photos (or
+    MAX_HELD_BATCHES batches) do, and are rewritten together (imcap.rewrites): batches still come out
+    whole and in order, only later. Captions are the same as one batch at a time.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -195,8 +202,8 @@ def caption_batches(
         return
     sliced = [slices_of(chunk, cores) for chunk in chunks]
     slices = [part for parts in sliced for part in parts]
-    # two batches in flight, as when each worker took a whole batch
-    with _torch_threads(1), closing(_prefetched(prepare, slices, cores, 1, ahead=2 * cores)) as prepared:
+    ahead = READ_AHEAD_BATCHES * len(sliced[0]) if sliced else 1
+    with _torch_threads(1), closing(_prefetched(prepare, slices, cores, 1, ahead=ahead)) as prepared:
         held: list[_Held] = []  # drafted, waiting for pooled rewrites
         for parts in sliced:
             paths, encoded, failed = _joined_slices([next(prepared) for _ in parts])

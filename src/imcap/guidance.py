@@ -97,6 +97,7 @@ class Guide:
         self._people_evident_classes = _class_mask(table, settings.people_evident_classes, "people_evident")
         self._inert, self._acting_names = self._inert_words(table, settings)
         self._living_verbs = frozenset(settings.living_verbs)
+        self._unsaid = frozenset(settings.unsaid_words)  # looked up for every word of every caption's plan
         # the subjects a low probability rules out, each with the probability below which it is
         self._ruled_out_below = {
             name: settings.ruled_out_thresholds.get(name, settings.ruled_out_threshold)
@@ -266,8 +267,7 @@ class Guide:
         for name in names:
             if max(plan.word_probs[w] for w in self.words_named(name)) >= self._ruled_out_below[name]:
                 return None
-        said = {w: p for w, p in plan.word_probs.items() if w not in self.settings.unsaid_words}
-        guess, prob = max(said.items(), key=lambda item: item[1])
+        guess, prob = self._most_probable_said(plan)
         return guess if prob >= threshold else None
 
     def _missing(self, word: str | None, caption: str) -> str | None:
@@ -293,12 +293,17 @@ class Guide:
         """The most probable table word at `name_threshold` or over (`unsaid_words` passed over); when none
         is, the most specific sure one of `generic_words` (fewest classes, then most probable)."""
         threshold = self.settings.name_threshold
-        said = {w: p for w, p in plan.word_probs.items() if w not in self.settings.unsaid_words}
-        word, prob = max(said.items(), key=lambda item: item[1])
+        word, prob = self._most_probable_said(plan)
         if prob >= threshold:
             return word
         sure = [(self._generic_size[w], -p, w) for w, p in plan.generic_probs.items() if p >= threshold]
         return min(sure)[2] if sure else None
+
+    def _most_probable_said(self, plan: Plan) -> tuple[str, float]:
+        """The most probable table word and its probability, `unsaid_words` passed over (first-seen wins
+        ties, as `max` does)."""
+        said = ((w, p) for w, p in plan.word_probs.items() if w not in self._unsaid)
+        return max(said, key=lambda item: item[1])
 
     def names(self, word: str) -> tuple[str, ...]:
         """Every name compatible with a table or generic word: its own, its classes' names and hypernyms."""
