@@ -491,3 +491,24 @@ def test_per_image_bans_equal_decoding_each_image_with_its_bad_words(seeing, nam
             assert [d.tokens for d in got_prefixed[image]] == [d.tokens for d in expected]
     assert got[0][0].tokens[:1] != plain[0][:1] and got[1][0].tokens == plain[1]
     assert engine.bans([[], []]) is None
+
+
+@pytest.mark.parametrize("min_new_tokens", [0, 3])
+def test_prefixes_of_several_lengths_in_one_search_equal_each_alone(seeing, min_new_tokens):
+    """One beam search forces each longer prefix's tokens a step at a time; with tokens banned right after
+    the prefix (guidance's word continuations) every image gets the captions it gets alone, scores
+    included. With min_new_tokens (counted from each prompt) images are grouped by length instead."""
+    loaded, pixels = seeing
+    options = CaptionOptions(num_beams=3, max_new_tokens=10, min_new_tokens=min_new_tokens)
+    config = generation_config(options, loaded.model.generation_config)
+    engine = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
+    prefixes, after = [[5, 9, 7], [11], [], [7, 7]], [216, 143, 9]
+    with torch.inference_mode():
+        hidden = engine.encode(pixels[:4])
+        together = engine.decode_prefixed(hidden, config, prefixes, after)
+        for image, prefix in enumerate(prefixes):
+            [alone] = engine.decode_prefixed(hidden[image : image + 1], config, [prefix], after)
+            assert [d.tokens for d in together[image]] == [d.tokens for d in alone]
+            assert [d.score for d in together[image]] == pytest.approx([d.score for d in alone], abs=1e-4)
+            if prefix:
+                assert all(d.tokens[len(prefix)] not in after for d in alone if len(d.tokens) > len(prefix))

@@ -187,6 +187,8 @@ class BeamSearch:
         prefix: torch.Tensor | None = None,
         bans: Bans | None = None,
         seeds: Sequence[int] | None = None,
+        prefix_lengths: Sequence[int] | None = None,
+        after_prefix: Sequence[int] = (),
     ):
         self.decoder, self.config, self.special, self.processors = decoder, config, special, processors
         self.bans = bans
@@ -198,11 +200,23 @@ class BeamSearch:
         self.beams, self.keep = config.num_beams, max(2, 1 + len(special.eos)) * config.num_beams
         self.penalty, self.early_stopping = config.length_penalty, config.early_stopping
         batch, device = hidden.shape[0], hidden.device
-        # prefix (B, L): tokens every caption of image b starts with, fed in one call at step one (guidance
-        # uses it to put a concept first); their log-probs count in the captions' scores
+        # prefix (B, L): tokens every caption of image b starts with (guidance uses it to put a concept
+        # first), the first prefix_lengths[b] of its row (all L when not given). What all images share in
+        # length is fed in one call at step one; each longer prefix's remaining tokens are then forced
+        # one step at a time, so that prefixes of any lengths share one search. A prefix's log-probs count
+        # in the captions' scores but not in the beams' running scores (generate's prompt), and
+        # `after_prefix` tokens may not come right after it
         self.prefix_length = 0 if prefix is None else prefix.shape[1]
+        lengths = [self.prefix_length] * batch if prefix_lengths is None else list(prefix_lengths)
+        self.prefix_lengths = torch.tensor(lengths, dtype=torch.long, device=device)
+        self.fed = min(lengths, default=0)
+        self.uniform = len(set(lengths)) <= 1 and self.fed == self.prefix_length
+        self.forced = prefix  # (B, L) or None
+        self.after_prefix = torch.tensor(sorted(after_prefix), dtype=torch.long, device=device)
         self.prefix_scores = torch.zeros(batch, device=device)
         self.max_length = 1 + self.prefix_length + config.max_new_tokens
+        self.stop_length = 1 + self.prefix_lengths + config.max_new_tokens  # (B,)
+        self.raw_log_probs: torch.Tensor | None = None  # this step's, before processors (forced tokens)
         self.hidden = hidden  # (B, S, D); after the first step one copy per beam (B*K, S, D) unless shared
         self.cache = new_cache(decoder)
         shape = (batch, self.beams, self.max_length)
@@ -221,7 +235,7 @@ class BeamSearch:
         self.results: list[list[Decoded]] = [[] for _ in range(batch)]
 
     def run(self) -> list[list[Decoded]]:
-        length = first = 1 + self.prefix_length
+        length = first = 1 + self.fed
         collected = torch.zeros(self.running.shape[0], dtype=torch.bool, device=self.running.device)
         while True:
             rows = self.running[:, :, :length].flatten(0, 1)
@@ -249,12 +263,13 @@ class BeamSearch:
         start token, so their outputs are equal (generate computes them K times). This also computes each
         image's cross-attention keys/values once; the caches are then copied out to one row per beam."""
         first = rows[:: self.beams]
-        if self.prefix_length:
-            log_probs = self.processors(first, self._prefix_log_probs(first))
+        if self.fed:
+            raw = self._prefix_log_probs(first)
         else:
-            log_probs = self.processors(first, next_log_probs(self.decoder, first, self.hidden, self.cache))
-        log_probs = self._warped(first, self._banned(first, log_probs, rows_per_image=1))
+            raw = next_log_probs(self.decoder, first, self.hidden, self.cache)
+        log_probs = self._warped(first, self._banned(first, self.processors(first, raw), rows_per_image=1))
         per_beam = torch.arange(len(first), device=rows.device).repeat_interleave(self.beams)
+        self.raw_log_probs = raw[per_beam]
         if self.shared:
             self.cache.self_attention_cache.reorder_cache(per_beam)
         else:
@@ -272,8 +287,32 @@ class BeamSearch:
         return log_probs[:, -1]
 
     def _next_step(self, rows: torch.Tensor) -> torch.Tensor:
-        log_probs = self.processors(rows, next_log_probs(self.decoder, rows, self.hidden, self.cache))
+        self.raw_log_probs = next_log_probs(self.decoder, rows, self.hidden, self.cache)
+        log_probs = self.processors(rows, self.raw_log_probs)
         return self._warped(rows, self._banned(rows, log_probs, rows_per_image=self.beams))
+
+    def _prefixed(self, log_probs: torch.Tensor, length: int) -> torch.Tensor:
+        """(B*K, V) log-probs for the token at `length`: the next prefix token only for images still in
+        their prefix (at 0: its log-prob goes to prefix_scores), `after_prefix` masked for images whose
+        prefix just ended."""
+        position = length - 1  # the index into the prefix of the token chosen now
+        if self.forced is not None and position < self.prefix_length:
+            forced = position < self.prefix_lengths  # (B,)
+            if forced.any():
+                images = forced.nonzero().flatten()
+                tokens = self.forced[images, position]
+                # every beam of an image holds the same tokens while in its prefix: the first one's log-prob
+                # (read before the masking below: without processors `log_probs` is the raw tensor itself)
+                self.prefix_scores[images] += self.raw_log_probs[images * self.beams, tokens]
+                rows = _beam_rows(images, self.beams)
+                log_probs[rows] = float("-inf")
+                log_probs[rows, tokens.repeat_interleave(self.beams)] = 0.0
+        if len(self.after_prefix):
+            ended = (self.prefix_lengths == position).repeat_interleave(self.beams)
+            if ended.any():
+                rows = ended.nonzero()
+                log_probs[rows, self.after_prefix.to(log_probs.device)[None, :]] = float("-inf")
+        return log_probs
 
     def _banned(self, rows: torch.Tensor, log_probs: torch.Tensor, rows_per_image: int) -> torch.Tensor:
         if self.bans is None:  # the common, unguided path: nothing to index
@@ -301,6 +340,7 @@ class BeamSearch:
         return scores, index.gather(1, order)
 
     def _step(self, log_probs: torch.Tensor, length: int) -> torch.Tensor:
+        log_probs = self._prefixed(log_probs, length)
         batch, beams = self.running.shape[:2]
         totals = (log_probs.view(batch, beams, -1) + self.running_scores[:, :, None]).view(batch, -1)
         top_scores, top_index = self._candidates(totals)
@@ -308,7 +348,8 @@ class BeamSearch:
         source_beam, token = top_index // vocab, top_index % vocab
         candidates = _gather(self.running, source_beam)
         candidates[:, :, length] = token
-        hits_stop = torch.isin(token, self.special.eos.to(token.device)) | (length + 1 >= self.max_length)
+        at_limit = (length + 1 >= self.stop_length)[:, None]
+        hits_stop = torch.isin(token, self.special.eos.to(token.device)) | at_limit
         # the best K candidates that did not just stop carry on
         open_scores = top_scores + hits_stop.float() * _MASKED
         carry = torch.topk(open_scores, k=beams)[1]
@@ -325,7 +366,7 @@ class BeamSearch:
         in_top_k[: self.beams] = True
         just_finished = hits_stop & in_top_k[None, :]
         # generate's length penalty counts generated tokens, a prompt (our prefix) left out
-        penalised = top_scores / ((length - self.prefix_length) ** self.penalty)
+        penalised = top_scores / (self._generated(length) ** self.penalty)
         full = self.is_finished.all(dim=-1, keepdim=True) & (self.early_stopping is True)
         penalised = penalised + full.float() * _MASKED
         penalised = penalised + (~self.can_improve).float() * _MASKED
@@ -340,28 +381,37 @@ class BeamSearch:
     def _update_can_improve(self, length: int) -> None:
         """Could the best open beam still beat the worst finished one? (early_stopping=False/True rule)."""
         if self.early_stopping == "never" and self.penalty > 0.0:
-            best_length = self.max_length - 1 - self.prefix_length
+            best_length = self.config.max_new_tokens
         else:
-            best_length = length - 1 - self.prefix_length
+            best_length = self._generated(length - 1)
         best_open = self.running_scores[:, :1] / (best_length**self.penalty)
         worst_finished = torch.where(
             self.is_finished, self.finished_scores.min(dim=1, keepdim=True)[0], _MASKED
         )
         self.can_improve &= (best_open > worst_finished).any(dim=-1, keepdim=True)
 
+    def _generated(self, length: int) -> int | torch.Tensor:
+        """Tokens after the prefix once `length` tokens (start included) are written: an int when every
+        prefix has one length (generate's own arithmetic, so its ties break alike), else (B, 1), at least
+        1 (an image still in its prefix finishes nothing; 1 keeps the division finite)."""
+        if self.uniform:
+            return length - self.prefix_length
+        return (length - self.prefix_lengths).clamp(min=1)[:, None]
+
     def _collect(self, done: torch.Tensor) -> None:
         wanted = self.config.num_return_sequences
         for b in done.nonzero().flatten().tolist():
             image = int(self.images[b])
             for k in range(wanted):
-                tokens = _cut_after_eos(self.finished[b, k, 1:].tolist(), self.special)
+                end = int(self.stop_length[b])  # a shorter prefix leaves padding past its own end
+                tokens = _cut_after_eos(self.finished[b, k, 1:end].tolist(), self.special)
                 score = float(self.finished_sums[b, k] + self.prefix_scores[b])
                 self.results[image].append(Decoded(tokens, score))
 
     def _drop(self, keep: torch.Tensor) -> None:
         """Remove finished images: their beams' rows from every tensor and from both caches."""
         images = keep.nonzero().flatten()
-        rows = (images[:, None] * self.beams + torch.arange(self.beams, device=images.device)).flatten()
+        rows = _beam_rows(images, self.beams)
         for name in (
             "running",
             "running_scores",
@@ -369,8 +419,12 @@ class BeamSearch:
             "finished_scores",
             "finished_sums",
             "prefix_scores",
+            "prefix_lengths",
+            "stop_length",
         ):
             setattr(self, name, getattr(self, name)[images])
+        if self.forced is not None:
+            self.forced = self.forced[images]
         self.is_finished, self.can_improve = self.is_finished[images], self.can_improve[images]
         self.images = self.images[images]
         if self.shared:
@@ -380,6 +434,11 @@ class BeamSearch:
         else:
             self.hidden = self.hidden[rows]
             self.cache.reorder_cache(rows)
+
+
+def _beam_rows(images: torch.Tensor, beams: int) -> torch.Tensor:
+    """The rows of these images' beams (image b owns rows b*beams .. b*beams + beams - 1)."""
+    return (images[:, None] * beams + torch.arange(beams, device=images.device)).flatten()
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
