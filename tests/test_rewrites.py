@@ -99,3 +99,18 @@ def test_drafts_of_other_settings_finish_as_each_alone(captioner, rewrite_calls,
     for got, want in zip(finished, expected, strict=True):
         assert [[c.text for c in r.candidates] for r in got] == [[c.text for c in r.candidates] for r in want]
         assert [r.tags for r in got] == [r.tags for r in want]
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_seeded_samples_pooled_over_batches_equal_each_image_alone(captioner, rewrite_calls, tmp_path, beams):
+    """A seeded sample depends on its image alone: rewritten (drawn again with the word as subject) in
+    one pool with other batches' samples, it is the sample drawn for the image on its own."""
+    options = CaptionOptions(
+        do_sample=True, seed=11, num_beams=beams, num_return_sequences=2, max_new_tokens=8
+    )
+    paths = photos(tmp_path, 4)
+    alone = [[c.text for c in captioner(path, options)[0].candidates] for path in paths]
+    rewrite_calls.clear()
+    batches = caption_batches(captioner, paths, options, batch_size=1)
+    pooled = [[c.text for c in r.candidates] for b in batches for r in b.results]
+    assert len(rewrite_calls) == 1 and pooled == alone
