@@ -165,13 +165,14 @@ class Engine:
     ) -> list[list[Decoded]]:
         """Beam search where every caption of image b starts with the tokens prefixes[b] (returned as part
         of its tokens and score), or with `config.do_sample` beam-search sampling, or with one beam one
-        sampled caption that does (seeds as in `decode`). Prefixes of different lengths share one beam
-        search (`_decode_prefixes`); with sampling or `min_new_tokens`, images are grouped by prefix
-        length, one search per group. A greedy request is a beam search of width 1. `word_continuations`
+        sampled caption that does (seeds as in `decode`). Prefixes of any lengths share one beam search
+        (`_decode_prefixes`); with sampling or `min_new_tokens` (counted from each prompt), images are
+        grouped by prefix length, one search per group. A greedy request is a beam search of width 1.
+        `word_continuations`
         (imcap.guided.word_continuations) may not follow the prefix, so its last word stays whole ("a
         dessert", never "a desserters")."""
         config = _with_defaults(config)
-        if not config.do_sample and not config.min_new_tokens and len({len(p) for p in prefixes}) > 1:
+        if prefixes and not config.do_sample and not config.min_new_tokens:
             return self._decode_prefixes(hidden, config, prefixes, word_continuations, bans)
         results: list[list[Decoded]] = [[] for _ in prefixes]
         by_length: dict[int, list[int]] = {}
@@ -195,9 +196,10 @@ class Engine:
     def _decode_prefixes(
         self, hidden, config: GenerationConfig, prefixes, word_continuations, bans
     ) -> list[list[Decoded]]:
-        """Prefixes of several lengths in one beam search: each image's tokens past the shortest prefix
-        are forced a step at a time (search.BeamSearch), which costs their images a decoder step each
-        instead of a search per length (pooled guidance rewrites had two to four lengths per pool)."""
+        """Prefixes of any lengths in one beam search: each image's tokens past the shortest prefix are
+        forced a step at a time (search.BeamSearch), which costs their images a decoder step each instead
+        of a search per length (pooled guidance rewrites had two to four lengths per pool). Forcing leaves
+        a step one candidate, which beam-search sampling cannot draw 2K from: sampling keeps the groups."""
         longest = max(len(p) for p in prefixes)
         padded = torch.tensor(
             [[*p, *[self.special.pad] * (longest - len(p))] for p in prefixes], device=hidden.device

@@ -269,7 +269,8 @@ class BeamSearch:
             raw = next_log_probs(self.decoder, first, self.hidden, self.cache)
         log_probs = self._warped(first, self._banned(first, self.processors(first, raw), rows_per_image=1))
         per_beam = torch.arange(len(first), device=rows.device).repeat_interleave(self.beams)
-        self.raw_log_probs = raw[per_beam]
+        if not self.uniform:  # only forced prefix tokens read them (a copy per beam: not on the plain path)
+            self.raw_log_probs = raw[per_beam]
         if self.shared:
             self.cache.self_attention_cache.reorder_cache(per_beam)
         else:
@@ -307,7 +308,7 @@ class BeamSearch:
                 rows = _beam_rows(images, self.beams)
                 log_probs[rows] = float("-inf")
                 log_probs[rows, tokens.repeat_interleave(self.beams)] = 0.0
-        if len(self.after_prefix):
+        if len(self.after_prefix) and position:  # no prefix, nothing to carry on: the first token is free
             ended = (self.prefix_lengths == position).repeat_interleave(self.beams)
             if ended.any():
                 rows = ended.nonzero()
