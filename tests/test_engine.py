@@ -512,3 +512,18 @@ def test_prefixes_of_several_lengths_in_one_search_equal_each_alone(seeing, min_
             assert [d.score for d in together[image]] == pytest.approx([d.score for d in alone], abs=1e-4)
             if prefix:
                 assert all(d.tokens[len(prefix)] not in after for d in alone if len(d.tokens) > len(prefix))
+
+
+def test_an_empty_prefix_among_others_takes_any_first_token(seeing):
+    """Tokens banned right after a prefix do not touch an image with no prefix: its captions are plain
+    decoding's, even when its first token is on that list."""
+    loaded, pixels = seeing
+    config = generation_config(CaptionOptions(num_beams=3, max_new_tokens=10), loaded.model.generation_config)
+    engine = Engine(loaded.model, EngineOptions(fold_batchnorm=False))
+    with torch.inference_mode():
+        hidden = engine.encode(pixels[:2])
+        plain = engine.decode(hidden[1:2], config)[0]
+        after = [plain[0].tokens[0]]
+        together = engine.decode_prefixed(hidden, config, [[5, 9], []], after)
+    assert [d.tokens for d in together[1]] == [d.tokens for d in plain]
+    assert all(d.tokens[2] not in after for d in together[0] if len(d.tokens) > 2)
