@@ -1,5 +1,6 @@
 """imcap.rewrites and its use by imcap.batch: guidance's second pass, pooled over several batches."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,28 @@ def captioner(cat_model_dir) -> Captioner:
 
 @pytest.fixture
 def rewrite_calls(monkeypatch) -> list[int]:
-    """The number of rows of each second-pass call."""
-    calls, rewrite = [], GuidedDecoder._rewrite
+    """The number of rows of each second-pass call (`.threads`: the thread that made each)."""
+    calls, rewrite = _Calls(), GuidedDecoder._rewrite
 
     def counted(self, hidden, *args, **kwargs):
         calls.append(hidden.shape[0])
+        calls.threads.append(threading.current_thread().name)
         return rewrite(self, hidden, *args, **kwargs)
 
     monkeypatch.setattr(GuidedDecoder, "_rewrite", counted)
     return calls
+
+
+class _Calls(list):
+    threads: list[str]
+
+    def __init__(self):
+        super().__init__()
+        self.threads = []
+
+    def clear(self):
+        super().clear()
+        self.threads.clear()
 
 
 def photos(folder, count: int) -> list:
@@ -50,16 +64,22 @@ OPTIONS = CaptionOptions(max_new_tokens=8)
 
 
 def test_batches_rewrite_together_and_caption_each_image_as_alone(captioner, rewrite_calls, tmp_path):
-    paths = photos(tmp_path, 5)
+    paths = photos(tmp_path, 7)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     alone = [captioner(path, OPTIONS)[0].caption for path in paths]
     assert all(mentions(caption, ("cat",)) for caption in alone)  # every one was rewritten
     rewrite_calls.clear()
     batches = list(caption_batches(captioner, [*paths[:3], broken, *paths[3:]], OPTIONS, batch_size=2))
-    assert rewrite_calls == [5]  # one second pass for the three batches' five images
-    assert [[p.name for p in b.paths] for b in batches] == [["0.png", "1.png"], ["2.png"], ["3.png", "4.png"]]
-    assert [[Path(e.path).name for e in b.failed] for b in batches] == [[], ["broken.jpg"], []]
+    # one second pass for the first three batches' five images, on the rewriting thread, started before the
+    # last batch's first pass; the last batch's two images rewritten on this thread meanwhile
+    assert sorted(zip(rewrite_calls, rewrite_calls.threads, strict=True)) == [
+        (2, threading.current_thread().name),
+        (5, "imcap-rewrite_0"),
+    ]
+    names = [[p.name for p in b.paths] for b in batches]
+    assert names == [["0.png", "1.png"], ["2.png"], ["3.png", "4.png"], ["5.png", "6.png"]]
+    assert [[Path(e.path).name for e in b.failed] for b in batches] == [[], ["broken.jpg"], [], []]
     assert [r.caption for b in batches for r in b.results] == alone
 
 
@@ -113,4 +133,25 @@ def test_seeded_samples_pooled_over_batches_equal_each_image_alone(captioner, re
     rewrite_calls.clear()
     batches = caption_batches(captioner, paths, options, batch_size=1)
     pooled = [[c.text for c in r.candidates] for b in batches for r in b.results]
-    assert len(rewrite_calls) == 1 and pooled == alone
+    assert len(rewrite_calls) == 2 and pooled == alone  # the first three batches pooled, the last beside them
+
+
+def test_a_run_stopped_early_leaves_no_rewriting_thread(captioner, tmp_path, monkeypatch):
+    """The caller stops after the first batch (Ctrl-C in caption_files closes the generator): the pool being
+    rewritten ends, the queued ones are dropped, and the rewriting thread goes."""
+    monkeypatch.setattr(batch, "MAX_HELD_BATCHES", 1)  # every batch a pool of its own, queued on the thread
+    batches = caption_batches(captioner, photos(tmp_path, 6), OPTIONS, batch_size=1)
+    first = next(batches)
+    assert mentions(first.results[0].caption, ("cat",))
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("imcap-rewrite")]
+
+
+def test_a_failing_rewrite_is_raised_by_caption_batches(captioner, tmp_path, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("rewrite failed")
+
+    monkeypatch.setattr(GuidedDecoder, "_rewrite", broken)
+    with pytest.raises(RuntimeError, match="rewrite failed"):
+        list(caption_batches(captioner, photos(tmp_path, 6), OPTIONS, batch_size=1))
+    assert not [t for t in threading.enumerate() if t.name.startswith("imcap-rewrite")]
