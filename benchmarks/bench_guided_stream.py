@@ -4,7 +4,7 @@
 - unguided (`guide=False`);
 - guided, the second pass pooled over batches (imcap.rewrites, `imcap.batch.REWRITE_POOL`): the default;
 - guided, the second pass run per batch (MAX_HELD_BATCHES = 1), as imcap did before pooling (with
-  today's read-ahead, `imcap.batch.READ_AHEAD_BATCHES`).
+  today's read-ahead, `imcap.batch.READ_AHEAD_BATCHES`, and on the rewriting thread as pools are).
 
 Each repetition runs the three sides in turn on the same images, so that a change in machine load hits
 them alike; the report gives each side's images/s over all repetitions, each guided side's speed over

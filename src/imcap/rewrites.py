@@ -6,7 +6,8 @@ The passes are split (`GuidedDecoder.draft`, then `GuidedDecoder.rewrite`) so th
 many batches can rewrite several batches' images in one search. Guidance rewrites about one image in
 eight, so a batch of 16 has two: a search over two images costs most of what one over sixteen does (a
 decoder step over 6 rows took 5.8 ms here, over 48 rows 18 ms), and rewriting each batch on its own
-made guided captioning 0.7-0.8x as fast as unguided. `imcap.batch.caption_batches` pools them.
+made guided captioning 0.7-0.8x as fast as unguided. `imcap.batch.caption_batches` pools them, and
+runs the pools on a thread of its own beside the next batches' first pass.
 """
 
 from __future__ import annotations
