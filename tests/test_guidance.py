@@ -140,6 +140,9 @@ MISSILE, PROJECTILE, GOLDFINCH = (TABLE.wnids.index(w) for w in ("n03773504", "n
         ("A man in a red shirt is sitting on a bench.", "a man"),
         ("Two black dogs run through the grass.", "two black dogs run"),
         ("A couple of horses with riders.", "horses"),
+        ("A black and white bird is sitting on a wall.", "a black and white bird"),
+        ("A brown and white dog and a cat.", "a brown and white dog"),
+        ("A man and a woman are walking.", "a man"),
     ],
 )
 def test_caption_subject(caption, subject):
@@ -162,6 +165,7 @@ def test_a_subject_the_head_rules_out_gives_way_to_its_best_guess(guide):
     [plan] = fallback.plans(probs(missile=0.18, projectile=0.12))
     assert fallback.rewrite_word(plan, "A group of birds are standing in the water.") == "missile"
     assert fallback.rewrite_word(plan, "A red car is sitting on a table.") == "missile"
+    assert fallback.rewrite_word(plan, "A black and white bird is sitting on a wall.") == "missile"
     assert fallback.rewrite_word(plan, "A horse is jumping over a hurdle.") is None  # the head may miss it
     assert fallback.rewrite_word(plan, "A red race car is sitting on a table.") is None  # so too "race car"
     nothing_ruled_out = Guide(TABLE, dataclasses.replace(settings, ruled_out_subjects=()), guide.tokenizer)

@@ -256,19 +256,24 @@ class Guide:
         and the caption's subject says only `ruled_out_subjects`, each with its table words all below its
         threshold (`ruled_out_thresholds`, else `ruled_out_threshold`; and no people)."""
         threshold = self.settings.fallback_threshold
-        if not threshold:
+        if not threshold or not self._subject_ruled_out(plan, caption):
             return None
-        subject = caption_subject(caption)
-        if mentions(subject, self.settings.people_words):  # the head cannot rule people out
-            return None
-        names = self.names_in(subject)
-        if not names or not names <= self._ruled_out_below.keys():  # a name it may miss stays
-            return None
-        for name in names:
-            if max(plan.word_probs[w] for w in self.words_named(name)) >= self._ruled_out_below[name]:
-                return None
         guess, prob = self._most_probable_said(plan)
         return guess if prob >= threshold else None
+
+    def _subject_ruled_out(self, plan: Plan, caption: str) -> bool:
+        """Whether the caption's subject says only `ruled_out_subjects`, each with its table words all
+        below its threshold, and no people (the head cannot rule people out)."""
+        subject = caption_subject(caption)
+        if mentions(subject, self.settings.people_words):
+            return False
+        names = self.names_in(subject)
+        if not names or not names <= self._ruled_out_below.keys():  # a name it may miss stays
+            return False
+        return all(
+            max(plan.word_probs[w] for w in self.words_named(name)) < self._ruled_out_below[name]
+            for name in names
+        )
 
     def _missing(self, word: str | None, caption: str) -> str | None:
         return None if word is None or mentions(caption, self._compatible[word]) else word
@@ -371,18 +376,28 @@ _AFTER_SUBJECT = frozenset(
     "is are in with on at and of near by under over through from into next beside behind".split()  # noqa: SIM905
 )
 _COLLECTIVES = frozenset("group couple pair team crowd herd flock line pack bunch".split())  # noqa: SIM905
+# "a black and white bird": an "and" between two of these joins colours, it does not end the subject
+_COLOURS = frozenset(
+    ("black", "white", "brown", "red", "blue", "green", "yellow", "orange", "pink", "purple")
+    + ("gray", "grey", "tan", "golden", "silver", "dark", "light")
+)
 
 
 def caption_subject(caption: str) -> str:
-    """The words of a caption's subject: those before its first verb or preposition, after "a group of"."""
+    """The words of a caption's subject: those before its first verb or preposition (an "and" between two
+    colours aside), after "a group of"."""
     words, subject, i = tokens(caption), [], 0
-    while i < len(words) and words[i] not in _AFTER_SUBJECT:
+    while i < len(words) and (words[i] not in _AFTER_SUBJECT or _joins_colours(words, i)):
         if words[i] in _COLLECTIVES and words[i + 1 : i + 2] == ["of"]:
             subject, i = [], i + 2  # "a group of birds": the birds are the subject
             continue
         subject.append(words[i])
         i += 1
     return " ".join(subject)
+
+
+def _joins_colours(words: list[str], i: int) -> bool:
+    return words[i] == "and" and 0 < i < len(words) - 1 and {words[i - 1], words[i + 1]} <= _COLOURS
 
 
 def _class_mask(table: ConceptTable, wnids: Sequence[str], what: str) -> torch.Tensor:
