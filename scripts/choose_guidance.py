@@ -64,6 +64,7 @@ from imcap.guidance_fit import (
     PEOPLE_EVIDENT_THRESHOLD,
     PEOPLE_WORDS,
     acting_classes,
+    corpus_kinds,
     corpus_people_words,
     generic_words,
     living_verbs,
@@ -171,7 +172,9 @@ def main() -> None:
     best_ban = best = dataclasses.replace(best_ban, unsaid_words=unsaid)
     if not args.no_fitted_rules:
         val_probs = torch.cat([e.concept_probs for _, e in encoded])
-        fitted = fitted_rules(captioner, train_probs, train_records, val_probs, records, args, rows)
+        fitted = fitted_rules(
+            captioner, train_probs, train_records, val_probs, records, args, rows, best_ban.ban_words
+        )
         best_ban = best = dataclasses.replace(best_ban, **fitted)
         fitted_result = run(best_ban)
         rows.append({"setting": "fitted rules", **_short(fitted_result)})
@@ -271,10 +274,17 @@ def unsaid_words(guide: Guide, train_probs: torch.Tensor, records: list, args, r
 
 
 def fitted_rules(
-    captioner: Captioner, train_probs, train_records: list, val_probs, val_records: list, args, rows: list
+    captioner: Captioner,
+    train_probs,
+    train_records: list,
+    val_probs,
+    val_records: list,
+    args,
+    rows: list,
+    banned: tuple[str, ...] = (),
 ) -> dict:
-    """subject_followers, the people rule (threshold on val), generic words and the living verbs, from the
-    training captions and WordNet."""
+    """subject_followers, the people rule (threshold on val), generic words, the living verbs and the kinds
+    of each `banned` word banned with it, from the training captions and WordNet."""
     table = captioner.concepts
     captions = [c for r in train_records for c in r.captions]
     followers = subject_followers(captions, set(PEOPLE_WORDS) | set(table.words))
@@ -306,12 +316,17 @@ def fitted_rules(
             "val_with_people": sum(val_people),
         }
     )
+    generic = generic_words(table, nouns)
     return {
+        "ban_kinds": {
+            word: corpus_kinds(word, [r.captions for r in train_records], nouns, class_names | set(generic))
+            for word in banned
+        },
         "subject_followers": followers if args.placement == "start" else (),
         "people_words": people_words,
         "people_classes": tuple(w for w, c in zip(table.wnids, classes.tolist(), strict=True) if c),
         "no_people_threshold": threshold,
-        "generic_words": generic_words(table, nouns),
+        "generic_words": generic,
         "living_verbs": living_verbs(captions, read_verbs()),
         "acting_classes": acting_classes(table, nouns),
         "people_evident_classes": tuple(w for w, c in zip(table.wnids, evident.tolist(), strict=True) if c),

@@ -53,6 +53,20 @@ def test_a_word_sums_every_class_it_names(guide):
     assert word_prob(guide, row, "cat") == pytest.approx(0.2)
 
 
+def test_a_banned_word_takes_its_kinds_with_it(guide):
+    """`ban_kinds`: where "dog" is ruled out, so is "puppy" (the decoder's next word for it); where "dog"
+    stays, so does "puppy"."""
+    settings = dataclasses.replace(guide.settings, ban_kinds={"dog": ("puppy",)})
+    kinds = Guide(TABLE, settings, guide.tokenizer)
+    [plan] = kinds.plans(probs(tabby=0.9))
+    assert plan.banned == ("dog", "puppy")
+    assert {tuple(ids) for ids in kinds.bad_words_ids(plan.banned)} >= {
+        tuple(guide.tokenizer(f" {w}").input_ids) for w in ("dog", "dogs", "puppy", "puppies")
+    }
+    [plan] = kinds.plans(probs(husky=0.9))
+    assert plan.banned == ()
+
+
 def test_naming_rule_fires_only_for_a_confident_word_the_caption_misses(guide):
     [plan] = guide.plans(probs(husky=0.3, malamute=0.35))
     assert plan.banned == ()
@@ -272,6 +286,7 @@ def test_settings_round_trip(tmp_path):
         acting_classes=("n02123045",),
         people_evident_classes=("n04228054",),
         people_evident_threshold=0.3,
+        ban_kinds={"dog": ("puppy",)},
         chosen_on="val",
     )
     settings.save(tmp_path)

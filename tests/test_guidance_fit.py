@@ -111,6 +111,25 @@ def test_corpus_people_words_are_person_nouns_the_captions_use_for_people():
     )
 
 
+def test_corpus_kinds_are_the_words_captions_use_for_kinds_of_a_word():
+    from imcap.guidance_fit import corpus_kinds
+    from imcap.wordnet import read_noun_synsets
+
+    try:
+        wordnet = read_noun_synsets()
+    except FileNotFoundError:
+        pytest.skip("WordNet 3.0 is not installed (Debian wordnet-base)")
+    photos = [
+        ["Two puppies play in the grass.", "A puppy plays.", "Dogs in the grass."],
+        ["A brown puppy runs.", "A dog runs.", "A beagle runs on the beach."],
+        ["A beagle sleeps.", "A cat and a dog.", "A kitten sleeps."],  # a kitten is no dog
+    ]
+    assert corpus_kinds("dog", photos, wordnet, min_photos=2) == ("puppy", "beagle")  # most photos first
+    assert corpus_kinds("dog", photos, wordnet, class_names={"beagle"}, min_photos=2) == ("puppy",)
+    assert corpus_kinds("dog", photos, wordnet, min_photos=3) == ()  # "dog" itself is not its own kind
+    assert corpus_kinds("zzzz", photos, wordnet) == ()  # not in WordNet
+
+
 def test_generic_words_are_everyday_names_of_animal_food_and_plant_categories():
     from imcap.guidance import GuidanceSettings
     from imcap.guidance_fit import generic_words
@@ -252,3 +271,21 @@ def test_a_ruled_out_subject_counts_as_missed_only_where_the_rule_would_fire(gui
     assert ruled_out_subjects(guide, probs, captions, 0.01, min_photos=4) == ("bird",)
     probs[2:, labrador] = 0.2  # missed, and nothing is sure: the rule would rewrite real birds
     assert ruled_out_subjects(guide, probs, captions, 0.01, min_photos=4) == ()
+
+
+def test_shipped_ban_kinds_are_fitted_on_the_training_captions(flickr8k):
+    from imcap.data import load_records
+    from imcap.guidance import GuidanceSettings
+    from imcap.guidance_fit import corpus_kinds
+    from imcap.modeling import DEFAULT_MODEL_DIR
+
+    wordnet, _ = wordnet_or_skip()
+    shipped = GuidanceSettings.load(DEFAULT_MODEL_DIR)
+    table = load_concept_table()
+    class_names = (
+        {n for names in table.synonyms for n in names} | set(table.words) | set(shipped.generic_words)
+    )
+    photos = [r.captions for r in load_records(flickr8k, "train")]
+    fitted = {word: corpus_kinds(word, photos, wordnet, class_names) for word in shipped.ban_words}
+    assert "puppy" in fitted["dog"]
+    assert shipped.ban_kinds == fitted

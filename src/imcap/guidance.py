@@ -192,6 +192,7 @@ class Guide:
             banned = tuple(
                 w for w in self.settings.ban_words if probs.get(w, 1.0) < self.settings.ban_threshold
             )
+            banned += tuple(kind for w in banned for kind in self.settings.ban_kinds.get(w, ()))
             if people_unlikely:
                 banned += self.settings.people_words
             generic = dict(zip(self.generic_words, generic_row, strict=True))

@@ -73,6 +73,9 @@ class GuidanceSettings:
     # each subject's own threshold where it has one (the highest at which it qualifies: "car" 0.02,
     # "bird" 0.05); the others take `ruled_out_threshold`
     ruled_out_thresholds: dict[str, float] = field(default_factory=dict)
+    # per ban word, the caption words for kinds of it that no class names, banned with it ("dog": "puppy",
+    # which the decoder says instead once "dog" is banned; imcap.guidance_fit.corpus_kinds)
+    ban_kinds: dict[str, tuple[str, ...]] = field(default_factory=dict)
     chosen_on: str = ""  # how the thresholds were picked (the data and command), for the record
 
     def __post_init__(self):
@@ -101,7 +104,8 @@ class GuidanceSettings:
             "ruled_out_subjects",
         )
         lists = {key: tuple(raw.get(key, ())) for key in keys}
-        return cls(**{**raw, **lists})
+        kinds = {word: tuple(names) for word, names in raw.get("ban_kinds", {}).items()}
+        return cls(**{**raw, **lists, "ban_kinds": kinds})
 
     def save(self, folder: str | Path) -> None:
         (Path(folder) / GUIDANCE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
