@@ -113,12 +113,8 @@ def test_corpus_people_words_are_person_nouns_the_captions_use_for_people():
 
 def test_corpus_kinds_are_the_words_captions_use_for_kinds_of_a_word():
     from imcap.guidance_fit import corpus_kinds
-    from imcap.wordnet import read_noun_synsets
 
-    try:
-        wordnet = read_noun_synsets()
-    except FileNotFoundError:
-        pytest.skip("WordNet 3.0 is not installed (Debian wordnet-base)")
+    wordnet, _ = wordnet_or_skip()
     photos = [
         ["Two puppies play in the grass.", "A puppy plays.", "Dogs in the grass."],
         ["A brown puppy runs.", "A dog runs.", "A beagle runs on the beach."],
