@@ -87,7 +87,8 @@ def test_held_batches_are_rewritten_when_max_held_wait(captioner, rewrite_calls,
     monkeypatch.setattr(batch, "MAX_HELD_BATCHES", 2)
     paths = photos(tmp_path, 5)
     results = [r.caption for b in caption_batches(captioner, paths, OPTIONS, batch_size=1) for r in b.results]
-    assert rewrite_calls == [2, 2, 1]
+    # the second pool (rewriting thread) and the last batch (this thread) may run in either order
+    assert sorted(rewrite_calls) == [1, 2, 2]
     assert results == [captioner(path, OPTIONS)[0].caption for path in paths]
 
 
