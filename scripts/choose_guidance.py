@@ -289,8 +289,9 @@ def fitted_rules(
     captions = [c for r in train_records for c in r.captions]
     followers = subject_followers(captions, set(PEOPLE_WORDS) | set(table.words))
     class_names = {name for names in table.synonyms for name in names} | set(table.words)
-    nouns = read_noun_synsets()  # about 2 s: read once for the three fits that need it
-    people_words = corpus_people_words([r.captions for r in train_records], nouns, followers, class_names)
+    nouns = read_noun_synsets()  # about 2 s: read once for the fits that need it
+    photos = [r.captions for r in train_records]
+    people_words = corpus_people_words(photos, nouns, followers, class_names)
     train_people = [shows_people(r.captions) for r in train_records]
     classes = people_classes(train_probs, train_people)
     classes |= named_people_classes(table)
@@ -318,10 +319,7 @@ def fitted_rules(
     )
     generic = generic_words(table, nouns)
     return {
-        "ban_kinds": {
-            word: corpus_kinds(word, [r.captions for r in train_records], nouns, class_names | set(generic))
-            for word in banned
-        },
+        "ban_kinds": {word: corpus_kinds(word, photos, nouns, class_names | set(generic)) for word in banned},
         "subject_followers": followers if args.placement == "start" else (),
         "people_words": people_words,
         "people_classes": tuple(w for w, c in zip(table.wnids, classes.tolist(), strict=True) if c),

@@ -213,11 +213,13 @@ def caption_batches(
         held: list[_Held] = []  # drafted, waiting for pooled rewrites
         for number, parts in enumerate(sliced, 1):
             if number == len(sliced):  # the last batch's first pass runs beside the held rewrites
-                held = finisher.submit(held)
+                finisher.submit(held)
+                held = []
             paths, encoded, failed = _joined_slices([next(prepared) for _ in parts])
             held.append((paths, captioner.draft(encoded, options) if encoded is not None else None, failed))
             if _rewrites_due(held):
-                held = finisher.submit(held)
+                finisher.submit(held)
+                held = []
             yield from finisher.ready()
         yield from finisher.rest(held)
 
@@ -261,12 +263,11 @@ class _Finisher:
         # stopped early (Ctrl-C, or the caller stopped reading): the pool being rewritten ends, the rest go
         self.thread.shutdown(wait=True, cancel_futures=True)
 
-    def submit(self, held: list[_Held]) -> list[_Held]:
+    def submit(self, held: list[_Held]) -> None:
         """Finish `held` (on the thread, or here at once when it has nothing to rewrite and nothing is
-        queued before it: ranking and tags only, so that unguided batches come out as soon as drafted).
-        Returns an empty list, the next pool to hold."""
+        queued before it: ranking and tags only, so that unguided batches come out as soon as drafted)."""
         if not held:
-            return []
+            return
         drafted = _drafted(held)
         if self.queue or any(d.draft.rewrite_rows for d in drafted):
             finished = self.thread.submit(self.captioner.finish, drafted)
@@ -274,7 +275,6 @@ class _Finisher:
             finished = Future()
             finished.set_result(self.captioner.finish(drafted))
         self.queue.append((held, finished))
-        return []
 
     def ready(self) -> Iterator[CaptionedBatch]:
         """The batches finished so far, in order, up to the first pool still being rewritten."""
